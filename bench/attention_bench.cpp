@@ -1,0 +1,95 @@
+// Google Benchmark: every attention policy against the naive materialising reference,
+// in one binary and one run. Names: attention/<policy>/n:<n>/h:<h>/d:<d>/causal:<0|1>
+// (forward) and attention_train/<policy>/… (forward + backward).
+// Counters: GFLOPs (the policy's own work per second), tokens_per_s, scratch_bytes
+// (peak workspace of all threads), saved_bytes (what forward keeps for backward).
+#include <benchmark/benchmark.h>
+
+#include <string>
+
+#include "bench_common.hpp"
+
+using namespace effattn;
+using namespace effattn::bench;
+
+namespace {
+
+std::string bench_name(const char* kind, const char* policy, const Problem& p) {
+  return std::string(kind) + "/" + policy + "/n:" + std::to_string(p.n) +
+         "/h:" + std::to_string(p.heads) + "/d:" + std::to_string(p.d) +
+         "/causal:" + (p.causal ? "1" : "0");
+}
+
+template <class Policy, class Masking>
+void forward(benchmark::State& state, Problem p) {
+  Inputs in(p);
+  Runner<Policy, Masking> run(p);
+  run.forward(in, p);  // sizes the workspaces
+  run.core.reset_peak();
+  for (auto _ : state) {
+    run.forward(in, p);
+    benchmark::DoNotOptimize(in.out.data());
+    benchmark::ClobberMemory();
+  }
+  const double iterations = double(state.iterations());
+  state.counters["GFLOPs"] =
+      benchmark::Counter(exact_flops(p) * iterations / 1e9, benchmark::Counter::kIsRate);
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(double(p.tokens()) * iterations, benchmark::Counter::kIsRate);
+  state.counters["scratch_bytes"] = double(run.core.scratch_peak_bytes());
+  state.SetComplexityN(p.n);
+}
+
+template <class Policy, class Masking>
+void train(benchmark::State& state, Problem p) {
+  Inputs in(p);
+  Matrix<float> d_out = in.v, dq(in.q.rows(), in.q.cols()), dk = dq, dv = dq;
+  Runner<Policy, Masking> run(p);
+  run.forward(in, p, true);
+  run.core.reset_peak();
+  for (auto _ : state) {
+    run.forward(in, p, true);
+    run.core.backward(in.q, in.k, in.v, in.out, d_out, dq, dk, dv, p.shape(), p.shape());
+    benchmark::DoNotOptimize(dq.data());
+    benchmark::ClobberMemory();
+  }
+  // Forward 4·n²·d, backward 10·n²·d (scores again, dV, dP, dQ, dK) per head.
+  state.counters["GFLOPs"] = benchmark::Counter(
+      exact_flops(p) * 3.5 * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+  state.counters["scratch_bytes"] = double(run.core.scratch_peak_bytes());
+  state.counters["saved_bytes"] = double(run.core.saved_bytes());
+  state.SetComplexityN(p.n);
+}
+
+template <template <class> class Policy>
+void register_policy(const char* name, Index max_n, Index max_train_n) {
+  for (const bool causal : {false, true})
+    for (Index n = 256; n <= max_n; n *= 2) {
+      const Problem p{n, 8, 64, 1, causal};
+      auto* b = causal ? benchmark::RegisterBenchmark(bench_name("attention", name, p).c_str(),
+                                                      forward<Policy<float>, Causal>, p)
+                       : benchmark::RegisterBenchmark(bench_name("attention", name, p).c_str(),
+                                                      forward<Policy<float>, Bidirectional>, p);
+      b->UseRealTime()->Unit(benchmark::kMillisecond);
+      if (n > max_train_n) continue;
+      auto* t = causal
+                    ? benchmark::RegisterBenchmark(bench_name("attention_train", name, p).c_str(),
+                                                   train<Policy<float>, Causal>, p)
+                    : benchmark::RegisterBenchmark(bench_name("attention_train", name, p).c_str(),
+                                                   train<Policy<float>, Bidirectional>, p);
+      t->UseRealTime()->Unit(benchmark::kMillisecond);
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::AddCustomContext("effattn.machine", machine_description(max_threads()));
+  register_policy<NaiveAttention>("naive", 8192, 4096);
+  register_policy<FullAttention>("full", 16384, 8192);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

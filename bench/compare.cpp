@@ -1,0 +1,118 @@
+// The policy comparison: every attention policy at a few sequence lengths, one table.
+// Run by `cmake --workflow --preset quickstart`; see the README for how to read it.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "bench_common.hpp"
+
+using namespace effattn;
+using namespace effattn::bench;
+
+namespace {
+
+// ‖out − exact‖_F / ‖exact‖_F over a sample of query rows of every head, exact in double.
+double sampled_error(const Inputs& in, const Problem& p) {
+  const Index samples = std::min<Index>(p.n, 128);
+  const double scale = 1.0 / std::sqrt(double(p.d));
+  double err = 0, norm = 0;
+  for (Index h = 0; h < p.heads; ++h) {
+    const Eigen::MatrixXd k = in.k.middleCols(h * p.d, p.d).cast<double>();
+    const Eigen::MatrixXd v = in.v.middleCols(h * p.d, p.d).cast<double>();
+    for (Index s = 0; s < samples; ++s) {
+      const Index i = (s * (p.n - 1)) / std::max<Index>(samples - 1, 1);
+      const Index visible = p.causal ? i + 1 : p.n;
+      const Eigen::RowVectorXd q = in.q.block(i, h * p.d, 1, p.d).cast<double>();
+      Eigen::VectorXd logits = scale * (k.topRows(visible) * q.transpose());
+      const Eigen::VectorXd w = (logits.array() - logits.maxCoeff()).exp();
+      const Eigen::RowVectorXd exact = (w.transpose() * v.topRows(visible)) / w.sum();
+      err += (in.out.block(i, h * p.d, 1, p.d).cast<double>() - exact).squaredNorm();
+      norm += exact.squaredNorm();
+    }
+  }
+  return std::sqrt(err / norm);
+}
+
+struct Row {
+  std::string policy;
+  Problem problem;
+  double ms = 0, gflops = 0, scratch_mib = 0, error = 0;
+  bool skipped = false;
+  std::string why;
+};
+
+template <class Policy, class Masking>
+Row measure(const char* name, const Problem& p, double flops) {
+  Inputs in(p, 7);
+  Runner<Policy, Masking> run(p);
+  run.forward(in, p);  // warm-up; sizes the workspaces
+  run.core.reset_peak();
+  std::vector<double> times;
+  double total = 0;
+  while (times.size() < 3 || (times.size() < 7 && total < 1.0)) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run.forward(in, p);
+    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    times.push_back(t);
+    total += t;
+  }
+  std::sort(times.begin(), times.end());
+  const double median = times[times.size() / 2];
+  Row row{name, p};
+  row.ms = 1e3 * median;
+  row.gflops = flops / median / 1e9;
+  row.scratch_mib = double(run.core.scratch_peak_bytes()) / (1 << 20);
+  row.error = sampled_error(in, p);
+  return row;
+}
+
+template <template <class> class Policy>
+Row measure_policy(const char* name, const Problem& p, double flops) {
+  return p.causal ? measure<Policy<float>, Causal>(name, p, flops)
+                  : measure<Policy<float>, Bidirectional>(name, p, flops);
+}
+
+void print(const Row& r) {
+  if (r.skipped) {
+    std::printf("| %-6s | %6s | %7lld | %10s | %8s | %11s | %-10s |\n", r.policy.c_str(),
+                r.problem.causal ? "yes" : "no", static_cast<long long>(r.problem.n), "-", "-", "-",
+                r.why.c_str());
+    return;
+  }
+  std::printf("| %-6s | %6s | %7lld | %10.2f | %8.1f | %11.2f | %10.1e |\n", r.policy.c_str(),
+              r.problem.causal ? "yes" : "no", static_cast<long long>(r.problem.n), r.ms, r.gflops,
+              r.scratch_mib, r.error);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main() {
+  const int threads = max_threads();
+  std::printf("effattn policy comparison: %s\n", machine_description(threads).c_str());
+  std::printf(
+      "fp32, batch 1, 8 heads of d = 64, attention core only (projections excluded).\n"
+      "time: median wall time of 3-7 runs; GFLOP/s: the policy's own work per second;\n"
+      "scratch: peak workspace of all threads; error: ||out - exact|| / ||exact|| on 128\n"
+      "query rows per head, exact attention computed naively in double.\n\n");
+  std::printf("| policy | causal |       n |  time (ms) |  GFLOP/s | scratch MiB | rel. error |\n");
+  std::printf("|--------|--------|---------|------------|----------|-------------|------------|\n");
+  for (const bool causal : {false, true})
+    for (const Index n : {1024, 4096, 16384}) {
+      const Problem p{n, 8, 64, 1, causal};
+      if (n <= 4096) {
+        print(measure_policy<NaiveAttention>("naive", p, exact_flops(p)));
+      } else {
+        Row skipped{"naive", p};
+        skipped.skipped = true;
+        skipped.why = "n² memory";
+        print(skipped);
+      }
+      print(measure_policy<FullAttention>("full", p, exact_flops(p)));
+    }
+  return 0;
+}

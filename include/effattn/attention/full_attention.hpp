@@ -1,0 +1,201 @@
+#pragma once
+// FullAttention: exact softmax attention, tiled with an online softmax (FlashAttention).
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <optional>
+
+#include "effattn/core/concepts.hpp"
+#include "effattn/core/error.hpp"
+#include "effattn/core/head.hpp"
+#include "effattn/core/parallel.hpp"
+#include "effattn/core/softmax.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn {
+
+/// Exact attention, out = softmax(s · q kᵀ + mask) v with s = 1/√d_k by default.
+///
+/// Queries are processed in tiles of `query_tile` rows against key tiles of `key_tile`
+/// rows, keeping a running row maximum and sum (ALGORITHMS.md §1), so no n_q × n_k
+/// matrix ever exists: time O(n_q·n_k·d), scratch O(query_tile·(key_tile + d)) per thread
+/// forward, plus O(n_q·d) backward. Causal key tiles wholly above the diagonal are skipped,
+/// halving the work. Rows with no visible key (padding leaves none) give 0.
+/// Forward keeps each row's log-sum-exp (n_q scalars) for backward.
+template <class S = float>
+class FullAttention {
+ public:
+  using Scalar = S;
+  static constexpr const char* name = "full";
+  static constexpr bool supports_causal = true;
+  static constexpr bool supports_cross_attention = true;
+  static constexpr bool splits_queries = true;
+
+  struct Config {
+    Index query_tile = 64;          ///< query rows per tile
+    Index key_tile = 256;           ///< key rows per tile
+    std::optional<double> scale{};  ///< logit scale; default 1/√d_k
+  };
+
+  /// Row log-sum-exp of the scaled, masked logits (+∞ for rows that see no key).
+  struct Saved {
+    RowVector<S> lse;
+    std::size_t bytes() const { return static_cast<std::size_t>(lse.size()) * sizeof(S); }
+  };
+
+  FullAttention() : FullAttention(Config{}, HeadLayout{}) {}
+  FullAttention(Config config, HeadLayout layout) : config_(config), layout_(layout) {
+    detail::require(config_.query_tile > 0, "FullAttention", "query_tile", config_.query_tile,
+                    "a tile of at least 1 row");
+    detail::require(config_.key_tile > 0, "FullAttention", "key_tile", config_.key_tile,
+                    "a tile of at least 1 row");
+    detail::require(!config_.scale || (std::isfinite(*config_.scale) && *config_.scale > 0),
+                    "FullAttention", "scale", config_.scale.value_or(0.0),
+                    "a finite positive number (or none for 1/sqrt(d_k))");
+  }
+
+  const Config& config() const { return config_; }
+
+  Saved make_saved(Index n_q, Index /*n_k*/) const { return Saved{RowVector<S>(n_q)}; }
+
+  void validate(Index n_q, Index n_k, Index d_k, Index d_v, bool /*causal*/) const {
+    detail::require(n_q > 0, "FullAttention", "n_q", n_q, "at least 1 query");
+    detail::require(n_k > 0, "FullAttention", "n_k", n_k, "at least 1 key");
+    detail::require(d_k > 0, "FullAttention", "d_k", d_k, "a head width of at least 1");
+    detail::require(d_v > 0, "FullAttention", "d_v", d_v, "a head width of at least 1");
+  }
+
+  std::size_t scratch_bytes(Index n_q, Index n_k, Index d_k, Index /*d_v*/) const {
+    const Index br = std::min(config_.query_tile, n_q), bc = std::min(config_.key_tile, n_k);
+    using W = Workspace;
+    const std::size_t fwd =
+        W::bytes_for<S>(br * d_k) + W::bytes_for<S>(br * bc) + 3 * W::bytes_for<S>(br);
+    const std::size_t bwd =
+        W::bytes_for<S>(n_q * d_k) + W::bytes_for<S>(n_q) + 2 * W::bytes_for<S>(br * bc);
+    return std::max(fwd, bwd);
+  }
+
+  S scale(Index d_k) const {
+    return static_cast<S>(config_.scale ? *config_.scale : 1.0 / std::sqrt(double(d_k)));
+  }
+
+  void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved* saved,
+               const HeadContext& ctx, Workspace& ws) const {
+    const Index n_q = q.rows(), d_k = q.cols();
+    const Index br = config_.query_tile, bc = config_.key_tile;
+    const S s = scale(d_k);
+    const detail::EigenSingleThreadScope serial_products;
+    for (Index i0 = 0; i0 < n_q; i0 += br) {
+      const Index rows = std::min(br, n_q - i0);
+      Workspace::Frame frame(ws);
+      auto qs = ws.matrix<S>(rows, d_k);
+      auto logits = ws.matrix<S>(rows, std::min(bc, std::max<Index>(ctx.key_length, 1)));
+      S* m = ws.take<S>(rows);
+      S* sum = ws.take<S>(rows);
+      S* rescale = ws.take<S>(rows);
+      std::fill(m, m + rows, -std::numeric_limits<S>::infinity());
+      std::fill(sum, sum + rows, S(0));
+      qs.noalias() = s * q.middleRows(i0, rows);
+      auto o = out.middleRows(i0, rows);
+      o.setZero();
+
+      const TileRange tile = tile_range(ctx, i0, rows);
+      for (Index j0 = 0; j0 < tile.key_stop; j0 += bc) {
+        const Index cols = std::min(bc, tile.key_stop - j0);
+        auto p = logits.leftCols(cols);
+        p.noalias() = qs * k.middleRows(j0, cols).transpose();
+        if (j0 + cols > tile.unmasked_end) mask_tile(p, ctx, i0, j0);
+        detail::online_softmax_step(p, m, sum, rescale);
+        if (j0 > 0) o.array().colwise() *= Eigen::Map<const Eigen::Array<S, -1, 1>>(rescale, rows);
+        o.noalias() += p * v.middleRows(j0, cols);
+      }
+      for (Index r = 0; r < rows; ++r) {
+        // sum is 0 only for a row that saw no key; NaN input keeps it NaN, and so the output.
+        if (sum[r] == S(0))
+          o.row(r).setZero();
+        else
+          o.row(r) *= S(1) / sum[r];
+        if (saved) saved->lse[ctx.query_offset + i0 + r] = detail::row_logsumexp(m[r], sum[r]);
+      }
+    }
+  }
+
+  void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
+                ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
+                const HeadContext& ctx, Workspace& ws) const {
+    const Index n_q = q.rows(), n_k = k.rows(), dk = q.cols();
+    const Index br = config_.query_tile, bc = config_.key_tile;
+    const S s = scale(dk);
+    const detail::EigenSingleThreadScope serial_products;
+    Workspace::Frame frame(ws);
+    auto qs = ws.matrix<S>(n_q, dk);
+    qs.noalias() = s * q;
+    S* delta = ws.take<S>(n_q);  // D_i = rowsum(dO ∘ O)
+    for (Index r = 0; r < n_q; ++r)
+      delta[r] = d_out.row(r).dot(out.row(r));
+    auto p_buf = ws.matrix<S>(std::min(br, n_q), std::min(bc, n_k));
+    auto dp_buf = ws.matrix<S>(std::min(br, n_q), std::min(bc, n_k));
+    d_q.setZero();
+    d_k.setZero();
+    d_v.setZero();
+    const auto lse = saved.lse.segment(ctx.query_offset, n_q);
+
+    for (Index j0 = 0; j0 < ctx.key_length; j0 += bc) {
+      const Index cols = std::min(bc, ctx.key_length - j0);
+      const auto kj = k.middleRows(j0, cols);
+      const auto vj = v.middleRows(j0, cols);
+      auto dkj = d_k.middleRows(j0, cols);
+      auto dvj = d_v.middleRows(j0, cols);
+      for (Index i0 = 0; i0 < n_q; i0 += br) {
+        const Index rows = std::min(br, n_q - i0);
+        const TileRange tile = tile_range(ctx, i0, rows);
+        if (j0 >= tile.key_stop) continue;  // wholly above the causal diagonal
+        auto p = p_buf.topLeftCorner(rows, cols);
+        auto dp = dp_buf.topLeftCorner(rows, cols);
+        p.noalias() = qs.middleRows(i0, rows) * kj.transpose();
+        if (j0 + cols > tile.unmasked_end) mask_tile(p, ctx, i0, j0);
+        for (Index r = 0; r < rows; ++r)
+          p.row(r) = (p.row(r).array() - lse[i0 + r]).exp().matrix();
+        const auto d_oi = d_out.middleRows(i0, rows);
+        dvj.noalias() += p.transpose() * d_oi;
+        dp.noalias() = d_oi * vj.transpose();
+        for (Index r = 0; r < rows; ++r)
+          dp.row(r) = (p.row(r).array() * (dp.row(r).array() - delta[i0 + r])).matrix();
+        d_q.middleRows(i0, rows).noalias() += dp * kj;
+        dkj.noalias() += dp.transpose() * qs.middleRows(i0, rows);
+      }
+    }
+    d_q *= s;
+  }
+
+ private:
+  struct TileRange {
+    Index key_stop;      // keys [0, key_stop) are visible to some row of the tile
+    Index unmasked_end;  // keys [0, unmasked_end) are visible to every row of the tile
+  };
+
+  // key_end(i) grows with i, so the first row bounds what all rows see, the last what any sees.
+  static TileRange tile_range(const HeadContext& ctx, Index i0, Index rows) {
+    return {ctx.key_end(i0 + rows - 1), ctx.key_end(i0)};
+  }
+
+  template <class Tile>
+  static void mask_tile(Tile& p, const HeadContext& ctx, Index i0, Index j0) {
+    const Index cols = p.cols();
+    for (Index r = 0; r < p.rows(); ++r) {
+      const Index visible = std::clamp<Index>(ctx.key_end(i0 + r) - j0, 0, cols);
+      p.row(r).tail(cols - visible).setConstant(-std::numeric_limits<S>::infinity());
+    }
+  }
+
+  Config config_;
+  HeadLayout layout_;
+};
+
+static_assert(AttentionPolicy<FullAttention<float>>);
+static_assert(AttentionPolicy<FullAttention<double>>);
+
+}  // namespace effattn

@@ -1,0 +1,110 @@
+#pragma once
+// The AttentionPolicy concept, built from small named requirements so that a failure
+// names the one that is missing.
+
+#include <concepts>
+#include <cstddef>
+#include <string_view>
+
+#include "effattn/core/head.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn {
+
+/// `using Scalar = float;` (or double): the precision a policy computes and accumulates in.
+template <class P>
+concept PolicyHasScalar = requires {
+  typename P::Scalar;
+}
+&&std::floating_point<typename P::Scalar>;
+
+/// Compile-time facts the multi-head block relies on: a short `name`, whether the policy
+/// can be causal, whether n_q ≠ n_k is allowed, and whether forward may be run on a slice
+/// of a head's queries (so the block can split one head across threads).
+template <class P>
+concept PolicyStatesCapabilities = requires {
+  { P::name } -> std::convertible_to<std::string_view>;
+  { P::supports_causal } -> std::convertible_to<bool>;
+  { P::supports_cross_attention } -> std::convertible_to<bool>;
+  { P::splits_queries } -> std::convertible_to<bool>;
+};
+
+/// `Config` (its settings) and construction from a Config and the block's HeadLayout.
+template <class P>
+concept PolicyIsConstructible = requires {
+  typename P::Config;
+}
+&&std::constructible_from<P, typename P::Config, HeadLayout>;
+
+/// `Saved`: what forward keeps of one (sequence, head) for backward, made by make_saved.
+template <class P>
+concept PolicyHasSavedState = requires(const P& p, Index n) {
+  typename P::Saved;
+  { p.make_saved(n, n) } -> std::same_as<typename P::Saved>;
+};
+
+/// `scratch_bytes(n_q, n_k, d_k, d_v)`: the most workspace one forward or backward call
+/// takes, so the block can size every thread's workspace before the parallel region;
+/// `validate(n_q, n_k, d_k, d_v, causal)` throws effattn::Error for an unsupported problem.
+template <class P>
+concept PolicyPlansAndChecks = requires(const P& p, Index n, bool causal) {
+  { p.scratch_bytes(n, n, n, n) } -> std::convertible_to<std::size_t>;
+  p.validate(n, n, n, n, causal);
+};
+
+/// forward(q, k, v, out, saved*, context, workspace) for one head of one sequence.
+template <class P>
+concept PolicyHasForward = PolicyHasScalar<P> && PolicyHasSavedState<P> &&
+    requires(const P& p, ConstView<typename P::Scalar> in, View<typename P::Scalar> out,
+             typename P::Saved* saved, const HeadContext& ctx, Workspace& ws) {
+  p.forward(in, in, in, out, saved, ctx, ws);
+};
+
+/// backward(q, k, v, out, d_out, saved, d_q, d_k, d_v, context, workspace), overwriting
+/// d_q, d_k, d_v (and accumulating the gradients of the policy's own parameters).
+template <class P>
+concept PolicyHasBackward = PolicyHasScalar<P> && PolicyHasSavedState<P> &&
+    requires(const P& p, ConstView<typename P::Scalar> in, View<typename P::Scalar> out,
+             const typename P::Saved& saved, const HeadContext& ctx, Workspace& ws) {
+  p.backward(in, in, in, in, in, saved, out, out, out, ctx, ws);
+};
+
+/// An attention policy computes out[n_q×d_v] = attention(q[n_q×d_k], k[n_k×d_k],
+/// v[n_k×d_v]) for one head of one sequence, and its backward.
+template <class P>
+concept AttentionPolicy = PolicyHasScalar<P> && PolicyStatesCapabilities<P> &&
+    PolicyIsConstructible<P> && PolicyHasSavedState<P> && PolicyPlansAndChecks<P> &&
+    PolicyHasForward<P> && PolicyHasBackward<P>;
+
+namespace detail {
+
+/// One static_assert per requirement, so the compiler's first message says which is missing.
+template <class P>
+constexpr bool assert_attention_policy() {
+  static_assert(PolicyHasScalar<P>,
+                "effattn: this type is not an attention policy: it needs `using Scalar = float;` "
+                "(or double). See effattn/core/concepts.hpp.");
+  static_assert(PolicyStatesCapabilities<P>,
+                "effattn: this type is not an attention policy: it needs static constexpr "
+                "`name`, `supports_causal`, `supports_cross_attention` and `splits_queries`.");
+  static_assert(PolicyIsConstructible<P>,
+                "effattn: this type is not an attention policy: it needs a nested `Config` and a "
+                "constructor P(Config, HeadLayout).");
+  static_assert(PolicyHasSavedState<P>,
+                "effattn: this type is not an attention policy: it needs a nested `Saved` and "
+                "`Saved make_saved(Index n_q, Index n_k) const`.");
+  static_assert(PolicyPlansAndChecks<P>,
+                "effattn: this type is not an attention policy: it needs `scratch_bytes(n_q, n_k, "
+                "d_k, d_v) const` and `validate(n_q, n_k, d_k, d_v, causal) const`.");
+  static_assert(PolicyHasForward<P>,
+                "effattn: this type is not an attention policy: it needs `forward(q, k, v, out, "
+                "Saved*, const HeadContext&, Workspace&) const`.");
+  static_assert(PolicyHasBackward<P>,
+                "effattn: this type is not an attention policy: it needs `backward(q, k, v, out, "
+                "d_out, const Saved&, d_q, d_k, d_v, const HeadContext&, Workspace&) const`.");
+  return true;
+}
+
+}  // namespace detail
+}  // namespace effattn

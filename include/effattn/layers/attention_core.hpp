@@ -1,0 +1,181 @@
+#pragma once
+// AttentionCore: a policy run over every (sequence, head) of projected Q, K, V.
+
+#include <algorithm>
+#include <cstddef>
+#include <type_traits>
+#include <vector>
+
+#include "effattn/core/concepts.hpp"
+#include "effattn/core/error.hpp"
+#include "effattn/core/head.hpp"
+#include "effattn/core/parallel.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn {
+
+/// The attention between projections: for every sequence b and head h,
+///   out[b, :, h] = Policy(q[b, :, h], k[b, :, h], v[b, :, h]),
+/// where q, k are [batch·n × heads·d_key], v and out [batch·n × heads·d_value] and a head
+/// is a column block. (sequence, head) problems run in parallel; when there are fewer of
+/// them than twice the threads and the policy allows it, a head's queries are split too.
+/// Each thread's scratch comes from a workspace planned with Policy::scratch_bytes before
+/// the parallel region. With keep_saved, forward keeps the policy's Saved state of every
+/// problem for backward. MultiHeadAttention is this plus the four projections; use it
+/// directly when you project yourself.
+template <class Policy, class Masking = Bidirectional>
+class AttentionCore {
+  static_assert(detail::assert_attention_policy<Policy>());
+  static_assert(std::is_same_v<Masking, Bidirectional> || std::is_same_v<Masking, Causal>,
+                "effattn: the masking argument must be effattn::Bidirectional or "
+                "effattn::Causal.");
+  static_assert(!Masking::causal || Policy::supports_causal,
+                "effattn: this attention policy cannot be causal (it mixes information from all "
+                "positions); use effattn::Bidirectional, or a policy with supports_causal.");
+
+ public:
+  using Scalar = typename Policy::Scalar;
+  using S = Scalar;
+  static constexpr bool causal = Masking::causal;
+
+  AttentionCore(typename Policy::Config config, HeadLayout layout)
+      : layout_(layout), policy_(config, layout) {}
+
+  const HeadLayout& layout() const { return layout_; }
+  Policy& policy() { return policy_; }
+  const Policy& policy() const { return policy_; }
+
+  void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out,
+               const SequenceShape& q_shape, const SequenceShape& kv_shape, bool keep_saved) {
+    check(q, k, v, q_shape, kv_shape);
+    check_size(out, q.rows(), layout_.heads * layout_.d_value, "out");
+    const Index n_q = q_shape.seq, n_k = kv_shape.seq, h = layout_.heads;
+    const Index dk = layout_.d_key, dv = layout_.d_value;
+    policy_.validate(n_q, n_k, dk, dv, causal);
+
+    const int threads = max_threads();
+    const Index problems = q_shape.batch * h;
+    Index splits = 1;
+    if constexpr (Policy::splits_queries) {
+      if (problems < 2 * threads) {
+        const Index want = (2 * threads + problems - 1) / problems;
+        splits = std::max<Index>(1, std::min(want, n_q / min_split_rows));
+      }
+    }
+    const Index slice = (n_q + splits - 1) / splits;
+    saved_.clear();
+    if (keep_saved) {
+      saved_.reserve(static_cast<std::size_t>(problems));
+      for (Index p = 0; p < problems; ++p)
+        saved_.push_back(policy_.make_saved(n_q, n_k));
+    }
+    pool_.resize(threads);
+    pool_.reserve_each(policy_.scratch_bytes(slice, n_k, dk, dv));
+
+    parallel_for(problems * splits, threads, [&](Index task, int slot) {
+      const Index problem = task / splits, q0 = (task % splits) * slice;
+      const Index b = problem / h, head = problem % h, rows = std::min(slice, n_q - q0);
+      if (rows <= 0) return;
+      auto* saved = keep_saved ? &saved_[static_cast<std::size_t>(problem)] : nullptr;
+      policy_.forward(q.block(b * n_q + q0, head * dk, rows, dk),
+                      k.block(b * n_k, head * dk, n_k, dk), v.block(b * n_k, head * dv, n_k, dv),
+                      out.block(b * n_q + q0, head * dv, rows, dv), saved,
+                      context(b, head, q0, q_shape, kv_shape), pool_[slot]);
+    });
+    last_ = keep_saved ? Last{q_shape.batch, n_q, n_k} : Last{};
+  }
+
+  /// Backward of the last forward that kept its state, on the same q, k, v, out:
+  /// overwrites dq, dk, dv.
+  void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
+                ConstView<S> d_out, View<S> dq, View<S> dk, View<S> dv,
+                const SequenceShape& q_shape, const SequenceShape& kv_shape) {
+    detail::require(!saved_.empty() && last_.batch == q_shape.batch && last_.n_q == q_shape.seq &&
+                        last_.n_k == kv_shape.seq,
+                    "AttentionCore", "backward",
+                    saved_.empty() ? "called without a forward that kept its state"
+                                   : "called with shapes other than its forward's",
+                    "a forward with keep_saved (set_training(true) on a layer) on the same "
+                    "shapes, then backward");
+    check(q, k, v, q_shape, kv_shape);
+    const Index n_q = q_shape.seq, n_k = kv_shape.seq, h = layout_.heads;
+    const Index dkw = layout_.d_key, dvw = layout_.d_value;
+    check_size(out, q.rows(), h * dvw, "out");
+    check_size(d_out, q.rows(), h * dvw, "d_out");
+    check_size(dq, q.rows(), h * dkw, "dq");
+    check_size(dk, k.rows(), h * dkw, "dk");
+    check_size(dv, v.rows(), h * dvw, "dv");
+
+    const int threads = max_threads();
+    pool_.resize(threads);
+    pool_.reserve_each(policy_.scratch_bytes(n_q, n_k, dkw, dvw));
+    parallel_for(q_shape.batch * h, threads, [&](Index problem, int slot) {
+      const Index b = problem / h, head = problem % h;
+      const auto qb = [&](auto& m, Index w) { return m.block(b * n_q, head * w, n_q, w); };
+      const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
+      policy_.backward(qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw), qb(d_out, dvw),
+                       saved_[static_cast<std::size_t>(problem)], qb(dq, dkw), kb(dk, dkw),
+                       kb(dv, dvw), context(b, head, 0, q_shape, kv_shape), pool_[slot]);
+    });
+  }
+
+  /// Drops the state kept for backward.
+  void release_saved() {
+    saved_.clear();
+    saved_.shrink_to_fit();
+    last_ = {};
+  }
+  bool has_saved() const { return !saved_.empty(); }
+  std::size_t saved_bytes() const {
+    std::size_t bytes = 0;
+    for (const auto& s : saved_)
+      bytes += s.bytes();
+    return bytes;
+  }
+
+  /// Most scratch (all threads' workspaces together) any call used since reset_peak().
+  std::size_t scratch_peak_bytes() const { return pool_.peak_bytes(); }
+  /// Times a workspace grew past its plan: 0 unless a policy's scratch_bytes is wrong.
+  std::size_t scratch_growths() const { return pool_.growths(); }
+  void reset_peak() { pool_.reset_peak(); }
+
+ private:
+  // A slice shorter than this costs more in scheduling than it gains in balance.
+  static constexpr Index min_split_rows = 64;
+
+  struct Last {
+    Index batch = 0, n_q = 0, n_k = 0;
+  };
+
+  HeadContext context(Index b, Index head, Index q0, const SequenceShape& q_shape,
+                      const SequenceShape& kv_shape) const {
+    return HeadContext{b, head, q0, kv_shape.valid_length(b), kv_shape.seq - q_shape.seq, causal};
+  }
+
+  template <class M>
+  static void check_size(const M& m, Index rows, Index cols, const char* name) {
+    detail::require(m.rows() == rows && m.cols() == cols, "AttentionCore", name,
+                    detail::concat("a ", m.rows(), "×", m.cols(), " matrix"),
+                    detail::concat("a ", rows, "×", cols, " matrix"));
+  }
+
+  void check(ConstView<S> q, ConstView<S> k, ConstView<S> v, const SequenceShape& q_shape,
+             const SequenceShape& kv_shape) const {
+    q_shape.validate("AttentionCore", "q_shape", q.rows());
+    kv_shape.validate("AttentionCore", "kv_shape", k.rows());
+    detail::require(kv_shape.batch == q_shape.batch, "AttentionCore", "kv_shape.batch",
+                    kv_shape.batch, detail::concat("the query batch, ", q_shape.batch));
+    check_size(q, q.rows(), layout_.heads * layout_.d_key, "q");
+    check_size(k, k.rows(), layout_.heads * layout_.d_key, "k");
+    check_size(v, k.rows(), layout_.heads * layout_.d_value, "v");
+  }
+
+  HeadLayout layout_;
+  Policy policy_;
+  std::vector<typename Policy::Saved> saved_;
+  WorkspacePool pool_{1};
+  Last last_{};
+};
+
+}  // namespace effattn

@@ -1,0 +1,263 @@
+#pragma once
+// MultiHeadAttention: Q/K/V/O projections around an AttentionCore.
+
+#include <cmath>
+#include <cstdint>
+#include <string_view>
+
+#include "effattn/core/error.hpp"
+#include "effattn/core/head.hpp"
+#include "effattn/core/rng.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/layers/attention_core.hpp"
+
+namespace effattn {
+
+/// Multi-head attention with any AttentionPolicy (ALGORITHMS.md §7):
+///   Q = X W_q + b_q,  K = C W_k + b_k,  V = C W_v + b_v   (C = X for self-attention)
+///   head_h = Policy(Q_h, K_h, V_h) per sequence,  Y = [head_1 … head_H] W_o + b_o.
+/// Activations are [batch·seq × features]; a head is a column block of Q, K, V, so no head
+/// is ever copied (see AttentionCore for the scheduling). Cost: 2·T·d·H·(2·d_k + 2·d_v)
+/// for the projections plus the policy's cost for each (sequence, head).
+///
+/// `Masking` is Bidirectional or Causal; a policy that cannot be causal does not compile
+/// as Causal. Weights are N(0, 1/fan_in) from the seed, biases 0. Training: after
+/// `set_training(true)`, forward keeps Q, K, V, the merged heads and the policy's Saved
+/// state (O(T·H·(d_k + d_v)) plus the policy's own, see activation_bytes), and backward
+/// then writes the input gradient and adds to every parameter's gradient.
+template <class Policy, class Masking = Bidirectional>
+class MultiHeadAttention {
+ public:
+  using Scalar = typename Policy::Scalar;
+  using S = Scalar;
+  using Core = AttentionCore<Policy, Masking>;
+  static constexpr bool causal = Masking::causal;
+
+  struct Config {
+    Index d_model = 512;
+    Index heads = 8;
+    Index d_head = 0;     ///< query/key width of a head; 0: d_model / heads
+    Index d_value = 0;    ///< value/output width of a head; 0: d_head
+    Index d_context = 0;  ///< width of the context in cross-attention; 0: d_model
+    bool bias = true;
+    std::uint64_t seed = 0;  ///< initialisation of every weight (and the policy's randomness)
+    typename Policy::Config policy{};
+  };
+
+  explicit MultiHeadAttention(Config config)
+      : config_(resolve(config)),
+        core_(config_.policy,
+              HeadLayout{config_.heads, config_.d_head, config_.d_value, config_.seed}) {
+    const Index dq = heads() * d_key(), dv = heads() * d_value();
+    init_weight(wq_, d_model(), dq, 1);
+    init_weight(wk_, d_context(), dq, 2);
+    init_weight(wv_, d_context(), dv, 3);
+    init_weight(wo_, dv, d_model(), 4);
+    if (config_.bias) {
+      bq_.setZero(1, dq);
+      bk_.setZero(1, dq);
+      bv_.setZero(1, dv);
+      bo_.setZero(1, d_model());
+    }
+    zero_grad();
+  }
+
+  Index d_model() const { return config_.d_model; }
+  Index d_context() const { return config_.d_context; }
+  Index heads() const { return config_.heads; }
+  Index d_key() const { return config_.d_head; }
+  Index d_value() const { return config_.d_value; }
+  const Config& config() const { return config_; }
+  Policy& policy() { return core_.policy(); }
+  const Policy& policy() const { return core_.policy(); }
+  Core& core() { return core_; }
+
+  /// Whether forward keeps what backward needs.
+  void set_training(bool on) {
+    training_ = on;
+    if (!on) core_.release_saved();
+  }
+  bool training() const { return training_; }
+
+  /// Self-attention: y[T × d_model] = MHA(x[T × d_model]).
+  void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
+    run_forward(x, x, y, shape, shape, true);
+  }
+
+  /// Cross-attention: queries from x [batch·n_q × d_model], keys and values from
+  /// context [batch·n_k × d_context]; key padding from kv_shape.lengths.
+  void forward(ConstView<S> x, ConstView<S> context, View<S> y, const SequenceShape& q_shape,
+               const SequenceShape& kv_shape) {
+    run_forward(x, context, y, q_shape, kv_shape, false);
+  }
+
+  /// Backward of the last (training) self-attention forward, given the same x: writes dx
+  /// and adds to every parameter's gradient.
+  void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
+    run_backward(x, x, dy, dx, dx, shape, shape, true);
+  }
+
+  /// Backward of the last (training) cross-attention forward: writes dx and d_context.
+  void backward(ConstView<S> x, ConstView<S> context, ConstView<S> dy, View<S> dx,
+                View<S> d_context, const SequenceShape& q_shape, const SequenceShape& kv_shape) {
+    run_backward(x, context, dy, dx, d_context, q_shape, kv_shape, false);
+  }
+
+  /// Calls f(name, value, gradient) for every parameter (Matrix<S>&; biases are 1 × n),
+  /// then for the policy's own parameters, if it has any.
+  template <class F>
+  void visit_parameters(F&& f) {
+    f(std::string_view("w_q"), wq_, gwq_);
+    f(std::string_view("w_k"), wk_, gwk_);
+    f(std::string_view("w_v"), wv_, gwv_);
+    f(std::string_view("w_o"), wo_, gwo_);
+    if (config_.bias) {
+      f(std::string_view("b_q"), bq_, gbq_);
+      f(std::string_view("b_k"), bk_, gbk_);
+      f(std::string_view("b_v"), bv_, gbv_);
+      f(std::string_view("b_o"), bo_, gbo_);
+    }
+    if constexpr (requires { policy().visit_parameters(f); }) policy().visit_parameters(f);
+  }
+
+  void zero_grad() {
+    for (auto [w, g] : {std::pair{&wq_, &gwq_},
+                        {&wk_, &gwk_},
+                        {&wv_, &gwv_},
+                        {&wo_, &gwo_},
+                        {&bq_, &gbq_},
+                        {&bk_, &gbk_},
+                        {&bv_, &gbv_},
+                        {&bo_, &gbo_}})
+      g->setZero(w->rows(), w->cols());
+    if constexpr (requires { policy().zero_grad(); }) policy().zero_grad();
+  }
+
+  std::size_t scratch_peak_bytes() const { return core_.scratch_peak_bytes(); }
+  std::size_t scratch_growths() const { return core_.scratch_growths(); }
+  void reset_peak() { core_.reset_peak(); }
+  /// Bytes of activations the block holds: Q, K, V, merged heads and the policy's Saved.
+  std::size_t activation_bytes() const {
+    return sizeof(S) * static_cast<std::size_t>(q_.size() + k_.size() + v_.size() + a_.size()) +
+           core_.saved_bytes();
+  }
+
+ private:
+  static Config resolve(Config c) {
+    constexpr const char* who = "MultiHeadAttention";
+    detail::require(c.d_model > 0, who, "d_model", c.d_model, "at least 1");
+    detail::require(c.heads > 0, who, "heads", c.heads, "at least 1");
+    if (c.d_head == 0) {
+      detail::require(
+          c.d_model % c.heads == 0, who, "heads", c.heads,
+          detail::concat("a divisor of d_model = ", c.d_model, " (or set d_head explicitly)"));
+      c.d_head = c.d_model / c.heads;
+    }
+    detail::require(c.d_head > 0, who, "d_head", c.d_head, "at least 1 (or 0 for d_model / heads)");
+    if (c.d_value == 0) c.d_value = c.d_head;
+    detail::require(c.d_value > 0, who, "d_value", c.d_value, "at least 1 (or 0 for d_head)");
+    if (c.d_context == 0) c.d_context = c.d_model;
+    detail::require(c.d_context > 0, who, "d_context", c.d_context,
+                    "at least 1 (or 0 for d_model)");
+    return c;
+  }
+
+  void init_weight(Matrix<S>& w, Index rows, Index cols, std::uint64_t stream) const {
+    w.resize(rows, cols);
+    CounterRng(config_.seed, stream).fill_normal(w, 1.0 / std::sqrt(double(rows)));
+  }
+
+  template <class M>
+  static void check_size(const M& m, Index rows, Index cols, const char* name) {
+    detail::require(m.rows() == rows && m.cols() == cols, "MultiHeadAttention", name,
+                    detail::concat("a ", m.rows(), "×", m.cols(), " matrix"),
+                    detail::concat("a ", rows, "×", cols, " matrix"));
+  }
+
+  void check_inputs(ConstView<S> x, ConstView<S> context, const SequenceShape& q_shape,
+                    const SequenceShape& kv_shape, bool self) const {
+    constexpr const char* who = "MultiHeadAttention";
+    detail::require(x.cols() == d_model(), who, "x",
+                    detail::concat("a matrix of ", x.cols(), " columns"),
+                    detail::concat("d_model = ", d_model(), " columns"));
+    q_shape.validate(who, self ? "shape" : "q_shape", x.rows());
+    if (self) return;
+    detail::require(context.cols() == d_context(), who, "context",
+                    detail::concat("a matrix of ", context.cols(), " columns"),
+                    detail::concat("d_context = ", d_context(), " columns"));
+    kv_shape.validate(who, "kv_shape", context.rows());
+    detail::require(kv_shape.batch == q_shape.batch, who, "kv_shape.batch", kv_shape.batch,
+                    detail::concat("the query batch, ", q_shape.batch));
+  }
+
+  static void project(ConstView<S> in, const Matrix<S>& w, const Matrix<S>& b, Matrix<S>& out) {
+    out.resize(in.rows(), w.cols());
+    out.noalias() = in * w;
+    if (b.size() > 0) out.rowwise() += b.row(0);
+  }
+
+  void run_forward(ConstView<S> x, ConstView<S> context, View<S> y, const SequenceShape& q_shape,
+                   const SequenceShape& kv_shape, bool self) {
+    check_inputs(x, context, q_shape, kv_shape, self);
+    check_size(y, x.rows(), d_model(), "y");
+    project(x, wq_, bq_, q_);
+    project(context, wk_, bk_, k_);
+    project(context, wv_, bv_, v_);
+    a_.resize(x.rows(), heads() * d_value());
+    core_.forward(q_, k_, v_, a_, q_shape, kv_shape, training_);
+    y.noalias() = a_ * wo_;
+    if (config_.bias) y.rowwise() += bo_.row(0);
+    last_self_ = self;
+  }
+
+  void run_backward(ConstView<S> x, ConstView<S> context, ConstView<S> dy, View<S> dx,
+                    View<S> d_context, const SequenceShape& q_shape, const SequenceShape& kv_shape,
+                    bool self) {
+    detail::require(training_ && core_.has_saved(), "MultiHeadAttention", "backward",
+                    "called without a preceding training forward",
+                    "set_training(true), then forward, then backward");
+    detail::require(last_self_ == self, "MultiHeadAttention", "backward",
+                    self ? "self-attention after a cross-attention forward"
+                         : "cross-attention after a self-attention forward",
+                    "the same kind of call as the forward");
+    check_inputs(x, context, q_shape, kv_shape, self);
+    check_size(dy, x.rows(), d_model(), "dy");
+    check_size(dx, x.rows(), d_model(), "dx");
+    if (!self) check_size(d_context, context.rows(), config_.d_context, "d_context");
+
+    da_.resize(a_.rows(), a_.cols());
+    da_.noalias() = dy * wo_.transpose();
+    dq_.resize(q_.rows(), q_.cols());
+    dk_.resize(k_.rows(), k_.cols());
+    dv_.resize(v_.rows(), v_.cols());
+    core_.backward(q_, k_, v_, a_, da_, dq_, dk_, dv_, q_shape, kv_shape);
+
+    add_projection_grads(a_, dy, gwo_, gbo_);
+    add_projection_grads(x, dq_, gwq_, gbq_);
+    add_projection_grads(context, dk_, gwk_, gbk_);
+    add_projection_grads(context, dv_, gwv_, gbv_);
+    dx.noalias() = dq_ * wq_.transpose();
+    View<S> dc = self ? dx : d_context;  // keys and values came from x or from the context
+    if (!self)
+      dc.noalias() = dk_ * wk_.transpose();
+    else
+      dc.noalias() += dk_ * wk_.transpose();
+    dc.noalias() += dv_ * wv_.transpose();
+  }
+
+  void add_projection_grads(ConstView<S> in, ConstView<S> d_out, Matrix<S>& gw,
+                            Matrix<S>& gb) const {
+    gw.noalias() += in.transpose() * d_out;
+    if (config_.bias) gb.row(0) += d_out.colwise().sum();
+  }
+
+  Config config_;
+  Core core_;
+  Matrix<S> wq_, wk_, wv_, wo_, bq_, bk_, bv_, bo_;
+  Matrix<S> gwq_, gwk_, gwv_, gwo_, gbq_, gbk_, gbv_, gbo_;
+  Matrix<S> q_, k_, v_, a_, da_, dq_, dk_, dv_;
+  bool training_ = false;
+  bool last_self_ = true;
+};
+
+}  // namespace effattn

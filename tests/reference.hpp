@@ -1,0 +1,129 @@
+#pragma once
+// Naive references for the tests: double precision, every matrix materialised, written
+// for obviousness rather than speed. Nothing here is used by the library.
+
+#include <Eigen/Core>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <map>
+#include <string>
+
+#include "effattn/core/types.hpp"
+
+namespace effattn::reference {
+
+using MatD = Eigen::MatrixXd;
+using VecD = Eigen::VectorXd;
+
+/// Which keys a query sees: the rule of effattn::HeadContext, restated independently.
+struct Mask {
+  bool causal = false;
+  Index key_length = -1;   ///< -1: every key
+  Index causal_shift = 0;  ///< query i sees key j iff j ≤ i + causal_shift (when causal)
+
+  bool visible(Index i, Index j, Index n_k) const {
+    const Index length = key_length < 0 ? n_k : key_length;
+    if (j >= length) return false;
+    return !causal || j <= i + causal_shift;
+  }
+};
+
+/// softmax(scale · q kᵀ) with masked entries removed; a row with no visible key is all 0.
+inline MatD probabilities(const MatD& q, const MatD& k, double scale, const Mask& mask) {
+  const Index n_q = q.rows(), n_k = k.rows();
+  MatD p = MatD::Zero(n_q, n_k);
+  for (Index i = 0; i < n_q; ++i) {
+    double max = -std::numeric_limits<double>::infinity();
+    for (Index j = 0; j < n_k; ++j)
+      if (mask.visible(i, j, n_k)) max = std::max(max, scale * q.row(i).dot(k.row(j)));
+    if (max == -std::numeric_limits<double>::infinity()) continue;
+    double sum = 0;
+    for (Index j = 0; j < n_k; ++j)
+      if (mask.visible(i, j, n_k)) sum += p(i, j) = std::exp(scale * q.row(i).dot(k.row(j)) - max);
+    p.row(i) /= sum;
+  }
+  return p;
+}
+
+inline MatD attention(const MatD& q, const MatD& k, const MatD& v, double scale, const Mask& mask) {
+  return probabilities(q, k, scale, mask) * v;
+}
+
+struct AttentionGrads {
+  MatD dq, dk, dv;
+};
+
+/// Analytic gradients of attention through the materialised probability matrix.
+inline AttentionGrads attention_backward(const MatD& q, const MatD& k, const MatD& v,
+                                         const MatD& d_out, double scale, const Mask& mask) {
+  const MatD p = probabilities(q, k, scale, mask);
+  const MatD dp = d_out * v.transpose();
+  MatD ds = p.cwiseProduct(dp);
+  const VecD row = ds.rowwise().sum();
+  ds -= p.cwiseProduct(row.replicate(1, p.cols()));
+  return {scale * ds * k, scale * ds.transpose() * q, p.transpose() * d_out};
+}
+
+/// Central finite differences of a scalar function f with respect to every entry of x.
+template <class M>
+MatD numeric_gradient(const std::function<double()>& f, M& x, double h = 1e-6) {
+  MatD g(x.rows(), x.cols());
+  for (Index r = 0; r < x.rows(); ++r)
+    for (Index c = 0; c < x.cols(); ++c) {
+      const auto saved = x(r, c);
+      x(r, c) = saved + h;
+      const double up = f();
+      x(r, c) = saved - h;
+      const double down = f();
+      x(r, c) = saved;
+      g(r, c) = (up - down) / (2 * h);
+    }
+  return g;
+}
+
+/// ‖a − b‖_F / max(‖b‖_F, tiny): the error measure of every exact-path test.
+template <class A, class B>
+double relative_error(const A& a, const B& b) {
+  const MatD ad = a.template cast<double>(), bd = b.template cast<double>();
+  return (ad - bd).norm() / std::max(bd.norm(), 1e-300);
+}
+
+/// Error of an analytic gradient against a numeric one: relative where the gradient is
+/// large, absolute below norm 1 (a gradient that is 0 in exact arithmetic, such as a key
+/// bias under softmax's shift invariance, has no meaningful relative error).
+template <class A, class B>
+double gradient_error(const A& a, const B& b) {
+  const MatD ad = a.template cast<double>(), bd = b.template cast<double>();
+  return (ad - bd).norm() / std::max(bd.norm(), 1.0);
+}
+
+/// Multi-head attention (ALGORITHMS.md §7) with named weights as MultiHeadAttention has them.
+struct MhaWeights {
+  MatD w_q, w_k, w_v, w_o;
+  VecD b_q, b_k, b_v, b_o;  // empty when the block has no bias
+};
+
+inline MatD multi_head_attention(const MatD& x, const MatD& context, const MhaWeights& w,
+                                 Index heads, Index d_k, Index d_v, const SequenceShape& q_shape,
+                                 const SequenceShape& kv_shape, bool causal, double scale) {
+  auto project = [](const MatD& in, const MatD& weight, const VecD& bias) {
+    MatD out = in * weight;
+    if (bias.size() > 0) out.rowwise() += bias.transpose();
+    return out;
+  };
+  const MatD q = project(x, w.w_q, w.b_q), k = project(context, w.w_k, w.b_k),
+             v = project(context, w.w_v, w.b_v);
+  const Index n_q = q_shape.seq, n_k = kv_shape.seq;
+  MatD merged(x.rows(), heads * d_v);
+  for (Index b = 0; b < q_shape.batch; ++b)
+    for (Index h = 0; h < heads; ++h) {
+      const Mask mask{causal, kv_shape.valid_length(b), n_k - n_q};
+      merged.block(b * n_q, h * d_v, n_q, d_v) =
+          attention(q.block(b * n_q, h * d_k, n_q, d_k), k.block(b * n_k, h * d_k, n_k, d_k),
+                    v.block(b * n_k, h * d_v, n_k, d_v), scale, mask);
+    }
+  return project(merged, w.w_o, w.b_o);
+}
+
+}  // namespace effattn::reference

@@ -1,0 +1,254 @@
+// MultiHeadAttention<FullAttention> against the naive reference: forward, gradients, errors.
+#include <catch2/catch.hpp>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "effattn/attention/full_attention.hpp"
+#include "effattn/core/rng.hpp"
+#include "effattn/layers/multi_head_attention.hpp"
+#include "reference.hpp"
+
+using namespace effattn;
+using reference::MatD;
+
+namespace {
+
+template <class Block>
+reference::MhaWeights weights_of(Block& block) {
+  reference::MhaWeights w;
+  block.visit_parameters([&](std::string_view name, auto& value, auto&) {
+    const MatD m = value.template cast<double>();
+    if (name == "w_q") w.w_q = m;
+    if (name == "w_k") w.w_k = m;
+    if (name == "w_v") w.w_v = m;
+    if (name == "w_o") w.w_o = m;
+    if (name == "b_q") w.b_q = m.row(0).transpose();
+    if (name == "b_k") w.b_k = m.row(0).transpose();
+    if (name == "b_v") w.b_v = m.row(0).transpose();
+    if (name == "b_o") w.b_o = m.row(0).transpose();
+  });
+  return w;
+}
+
+// Gives the biases non-zero values, so the tests see them.
+template <class Block>
+void randomise_biases(Block& block, std::uint64_t seed) {
+  std::uint64_t stream = 100;
+  block.visit_parameters([&](std::string_view name, auto& value, auto&) {
+    if (name[0] == 'b') CounterRng(seed, stream++).fill_normal(value, 0.5);
+  });
+}
+
+template <class S>
+double tolerance() {
+  return std::is_same_v<S, float> ? 5e-5 : 1e-12;
+}
+
+struct SelfCase {
+  Index batch, seq, d_model, heads;
+  std::vector<Index> lengths;
+  bool bias;
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("MultiHeadAttention self-attention equals the naive reference", "[mha]", float,
+                   double) {
+  using S = TestType;
+  const std::vector<SelfCase> cases = {
+      {1, 1, 4, 1, {}, true},        {3, 37, 32, 4, {}, true},  {2, 29, 24, 3, {29, 11}, false},
+      {2, 70, 16, 2, {0, 70}, true}, {1, 130, 64, 8, {}, true},
+  };
+  for (const auto& c : cases) {
+    for (const bool causal : {false, true}) {
+      CAPTURE(c.batch, c.seq, c.d_model, c.heads, c.lengths.size(), causal);
+      const SequenceShape shape{c.batch, c.seq, c.lengths};
+      Matrix<S> x(shape.tokens(), c.d_model), y(shape.tokens(), c.d_model);
+      CounterRng(21).fill_normal(x);
+      MatD expected;
+      auto check = [&](auto& block) {
+        randomise_biases(block, 3);
+        block.forward(x, y, shape);
+        const Index dh = c.d_model / c.heads;
+        expected = reference::multi_head_attention(
+            x.template cast<double>(), x.template cast<double>(), weights_of(block), c.heads, dh,
+            dh, shape, shape, causal, 1.0 / std::sqrt(double(dh)));
+        CHECK(reference::relative_error(y, expected) < tolerance<S>());
+        CHECK(block.scratch_growths() == 0);
+      };
+      // Small tiles, so several tiles, splits and the diagonal are all exercised.
+      typename FullAttention<S>::Config tiles{8, 16, {}};
+      if (causal) {
+        MultiHeadAttention<FullAttention<S>, Causal> block(
+            {c.d_model, c.heads, 0, 0, 0, c.bias, 5, tiles});
+        check(block);
+      } else {
+        MultiHeadAttention<FullAttention<S>> block({c.d_model, c.heads, 0, 0, 0, c.bias, 5, tiles});
+        check(block);
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("MultiHeadAttention cross-attention equals the naive reference", "[mha]", float,
+                   double) {
+  using S = TestType;
+  // n_q != n_k, d_context != d_model, d_value != d_head, padded context.
+  const SequenceShape q_shape{2, 13}, kv_shape{2, 31, {31, 17}};
+  MultiHeadAttention<FullAttention<S>> block(
+      {.d_model = 12, .heads = 3, .d_head = 5, .d_value = 7, .d_context = 9, .seed = 8});
+  randomise_biases(block, 4);
+  Matrix<S> x(q_shape.tokens(), 12), ctx(kv_shape.tokens(), 9), y(q_shape.tokens(), 12);
+  CounterRng(22).fill_normal(x);
+  CounterRng(23).fill_normal(ctx);
+  block.forward(x, ctx, y, q_shape, kv_shape);
+  const MatD expected = reference::multi_head_attention(
+      x.template cast<double>(), ctx.template cast<double>(), weights_of(block), 3, 5, 7, q_shape,
+      kv_shape, false, 1.0 / std::sqrt(5.0));
+  CHECK(reference::relative_error(y, expected) < tolerance<S>());
+}
+
+namespace {
+
+// Checks every parameter gradient and the input gradient(s) against finite differences.
+template <class Block, class Forward, class Backward>
+void check_gradients(Block& block, Matrix<double>& y_weights, Forward forward, Backward backward,
+                     std::vector<Matrix<double>*> inputs) {
+  auto loss = [&] { return forward().cwiseProduct(y_weights).sum(); };
+  block.set_training(true);
+  block.zero_grad();
+  forward();
+  const std::vector<Matrix<double>> input_grads = backward();
+  std::vector<std::string> names;
+  block.visit_parameters([&](std::string_view name, Matrix<double>& value, Matrix<double>& grad) {
+    names.emplace_back(name);
+    CAPTURE(std::string(name));
+    CHECK(reference::gradient_error(grad, reference::numeric_gradient(loss, value)) < 1e-7);
+    // Adding b_k shifts every logit of a row by the same amount: softmax ignores it.
+    if (name == "b_k")
+      CHECK(grad.norm() < 1e-12);
+    else
+      CHECK(grad.norm() > 1e-3);
+  });
+  CHECK(names.size() == 8);
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    CAPTURE(i);
+    CHECK(reference::gradient_error(input_grads[i], reference::numeric_gradient(loss, *inputs[i])) <
+          1e-7);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("MultiHeadAttention gradients match finite differences (double)", "[mha][backward]") {
+  SECTION("causal self-attention with padding") {
+    const SequenceShape shape{2, 9, {9, 6}};
+    MultiHeadAttention<FullAttention<double>, Causal> block(
+        {.d_model = 6, .heads = 2, .seed = 1, .policy = {4, 4, {}}});
+    randomise_biases(block, 2);
+    Matrix<double> x(shape.tokens(), 6), w(shape.tokens(), 6);
+    CounterRng(30).fill_normal(x);
+    CounterRng(31).fill_normal(w);
+    check_gradients(
+        block, w,
+        [&] {
+          Matrix<double> y(shape.tokens(), 6);
+          block.forward(x, y, shape);
+          return y;
+        },
+        [&] {
+          Matrix<double> dx(shape.tokens(), 6);
+          block.backward(x, w, dx, shape);
+          return std::vector<Matrix<double>>{dx};
+        },
+        {&x});
+  }
+  SECTION("cross-attention") {
+    const SequenceShape q_shape{2, 5}, kv_shape{2, 8, {3, 8}};
+    MultiHeadAttention<FullAttention<double>> block(
+        {.d_model = 4, .heads = 2, .d_head = 3, .d_value = 2, .d_context = 5, .seed = 2});
+    randomise_biases(block, 3);
+    Matrix<double> x(q_shape.tokens(), 4), ctx(kv_shape.tokens(), 5), w(q_shape.tokens(), 4);
+    CounterRng(32).fill_normal(x);
+    CounterRng(33).fill_normal(ctx);
+    CounterRng(34).fill_normal(w);
+    check_gradients(
+        block, w,
+        [&] {
+          Matrix<double> y(q_shape.tokens(), 4);
+          block.forward(x, ctx, y, q_shape, kv_shape);
+          return y;
+        },
+        [&] {
+          Matrix<double> dx(q_shape.tokens(), 4), dctx(kv_shape.tokens(), 5);
+          block.backward(x, ctx, w, dx, dctx, q_shape, kv_shape);
+          return std::vector<Matrix<double>>{dx, dctx};
+        },
+        {&x, &ctx});
+  }
+}
+
+TEST_CASE("MultiHeadAttention initialisation is seeded and gradients accumulate", "[mha]") {
+  using Block = MultiHeadAttention<FullAttention<float>>;
+  Block a({.d_model = 8, .heads = 2, .seed = 3}), b({.d_model = 8, .heads = 2, .seed = 3}),
+      c({.d_model = 8, .heads = 2, .seed = 4});
+  CHECK(weights_of(a).w_q == weights_of(b).w_q);
+  CHECK(weights_of(a).w_o == weights_of(b).w_o);
+  CHECK(weights_of(a).w_q != weights_of(c).w_q);
+  CHECK(weights_of(a).w_q != weights_of(a).w_k);  // each weight has its own stream
+
+  const SequenceShape shape{1, 6};
+  Matrix<float> x(6, 8), y(6, 8), dy(6, 8), dx(6, 8);
+  CounterRng(1).fill_normal(x);
+  CounterRng(2).fill_normal(dy);
+  a.set_training(true);
+  a.forward(x, y, shape);
+  a.backward(x, dy, dx, shape);
+  Matrix<float> once;
+  a.visit_parameters([&](std::string_view n, auto&, auto& g) {
+    if (n == "w_q") once = g;
+  });
+  a.forward(x, y, shape);
+  a.backward(x, dy, dx, shape);
+  a.visit_parameters([&](std::string_view n, auto&, auto& g) {
+    if (n == "w_q") CHECK(reference::relative_error(g, (2 * once).eval()) < 1e-6);
+  });
+  a.zero_grad();
+  a.visit_parameters([&](std::string_view, auto&, auto& g) { CHECK(g.isZero(0)); });
+  CHECK(a.activation_bytes() > 0);
+  a.set_training(false);
+  a.forward(x, y, shape);
+  CHECK_THROWS_WITH(a.backward(x, dy, dx, shape), Catch::Contains("set_training(true)"));
+}
+
+TEST_CASE("MultiHeadAttention rejects bad input with a clear effattn::Error", "[mha][errors]") {
+  using Block = MultiHeadAttention<FullAttention<float>>;
+  CHECK_THROWS_WITH(Block({.d_model = 10, .heads = 3}),
+                    Catch::Contains("MultiHeadAttention") && Catch::Contains("'heads'") &&
+                        Catch::Contains("divisor of d_model = 10"));
+  CHECK_THROWS_WITH(Block({.d_model = 0, .heads = 1}), Catch::Contains("'d_model'"));
+  CHECK_THROWS_WITH(Block({.d_model = 8, .heads = 0}), Catch::Contains("'heads'"));
+  CHECK_NOTHROW(Block({.d_model = 10, .heads = 3, .d_head = 4}));  // explicit d_head is fine
+
+  Block block({.d_model = 8, .heads = 2});
+  Matrix<float> x(12, 8), y(12, 8), wrong_width(12, 7), ctx(10, 8);
+  x.setOnes();
+  ctx.setOnes();
+  CHECK_THROWS_WITH(block.forward(wrong_width, y, {2, 6}),
+                    Catch::Contains("'x'") && Catch::Contains("d_model = 8 columns"));
+  CHECK_THROWS_WITH(block.forward(x, y, {2, 5}), Catch::Contains("batch·seq"));
+  CHECK_THROWS_WITH(block.forward(x, y, {2, 6, {6, 7}}),
+                    Catch::Contains("shape.lengths[1]") && Catch::Contains("[0, 6]"));
+  CHECK_THROWS_WITH(block.forward(x, y, {2, 6, {6}}), Catch::Contains("one length per sequence"));
+  CHECK_THROWS_WITH(block.forward(x, wrong_width, {2, 6}), Catch::Contains("'y'"));
+  CHECK_THROWS_WITH(block.forward(x, ctx, y, {2, 6}, {1, 10}), Catch::Contains("kv_shape.batch"));
+  Matrix<float> empty(0, 8);
+  CHECK_THROWS_WITH(block.forward(empty, empty, {1, 0}), Catch::Contains("shape.seq"));
+
+  // A failed call leaves the block usable and unchanged.
+  const auto before = weights_of(block).w_q;
+  CHECK_NOTHROW(block.forward(x, y, {2, 6}));
+  CHECK(weights_of(block).w_q == before);
+}
