@@ -38,8 +38,8 @@ double sampled_error(const Inputs& in, const Problem& p) {
 }
 
 struct Row {
-  std::string policy;
-  Problem problem;
+  std::string policy{};
+  Problem problem{};
   double ms = 0, gflops = 0, scratch_mib = 0, error = 0;
   bool skipped = false;
   std::string why;
@@ -62,7 +62,9 @@ Row measure(const char* name, const Problem& p, double flops) {
   }
   std::sort(times.begin(), times.end());
   const double median = times[times.size() / 2];
-  Row row{name, p};
+  Row row;
+  row.policy = name;
+  row.problem = p;
   row.ms = 1e3 * median;
   row.gflops = flops / median / 1e9;
   row.scratch_mib = double(run.core.scratch_peak_bytes()) / (1 << 20);
@@ -107,7 +109,9 @@ int main() {
       if (n <= 4096) {
         print(measure_policy<NaiveAttention>("naive", p, exact_flops(p)));
       } else {
-        Row skipped{"naive", p};
+        Row skipped;
+        skipped.policy = "naive";
+        skipped.problem = p;
         skipped.skipped = true;
         skipped.why = "n² memory";
         print(skipped);

@@ -200,10 +200,21 @@ TEST_CASE("FullAttention gradients match finite differences (double)", "[full][b
 
 TEST_CASE("FullAttention rejects bad configuration", "[full][errors]") {
   using A = FullAttention<float>;
-  CHECK_THROWS_AS(A({0, 8, {}}, HeadLayout{}), Error);
-  CHECK_THROWS_WITH(A({8, 0, {}}, HeadLayout{}), Catch::Contains("key_tile"));
-  CHECK_THROWS_WITH(A({8, 8, -1.0}, HeadLayout{}), Catch::Contains("scale"));
   const A ok;
+  CHECK_THROWS_AS(A({-1, 8, {}}, HeadLayout{}), Error);
+  CHECK_THROWS_WITH(A({8, -4, {}}, HeadLayout{}), Catch::Contains("key_tile"));
+  // Automatic tiles keep a d-wide slice of a tile within Eigen's stack buffer.
+  for (const Index d : {1, 64, 100, 128, 400}) {
+    const auto t = ok.tiles(d, d);
+    CHECK(t.key * d * Index(sizeof(float)) <= EIGEN_STACK_ALLOCATION_LIMIT);
+    CHECK((t.query + 48) * d * Index(sizeof(float)) <= EIGEN_STACK_ALLOCATION_LIMIT);
+    CHECK(t.query >= 16);
+  }
+  CHECK(ok.tiles(64, 64).query == 256);
+  CHECK(ok.tiles(64, 64).key == 512);
+  CHECK(FullAttention<double>().tiles(64, 64).query == 128);
+  CHECK(FullAttention<double>().tiles(64, 64).key == 256);
+  CHECK_THROWS_WITH(A({8, 8, -1.0}, HeadLayout{}), Catch::Contains("scale"));
   CHECK_THROWS_WITH(ok.validate(0, 4, 4, 4, false), Catch::Contains("n_q"));
   CHECK_THROWS_WITH(ok.validate(4, 4, 0, 4, false), Catch::Contains("d_k"));
   CHECK_NOTHROW(ok.validate(3, 5, 4, 2, true));

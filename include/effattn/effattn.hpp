@@ -5,6 +5,7 @@
 #include "effattn/core/error.hpp"
 #include "effattn/core/head.hpp"
 #include "effattn/core/parallel.hpp"
+#include "effattn/core/product.hpp"
 #include "effattn/core/rng.hpp"
 #include "effattn/core/softmax.hpp"
 #include "effattn/core/types.hpp"

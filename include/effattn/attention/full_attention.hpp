@@ -11,6 +11,7 @@
 #include "effattn/core/error.hpp"
 #include "effattn/core/head.hpp"
 #include "effattn/core/parallel.hpp"
+#include "effattn/core/product.hpp"
 #include "effattn/core/softmax.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
@@ -34,9 +35,13 @@ class FullAttention {
   static constexpr bool supports_cross_attention = true;
   static constexpr bool splits_queries = true;
 
+  /// Tile sizes of 0 are chosen per call from the head widths: the largest powers of two
+  /// up to 256 query and 512 key rows whose d-wide slices fit Eigen's stack buffer for
+  /// packing (EIGEN_STACK_ALLOCATION_LIMIT, 128 KiB by default), so that Eigen's products
+  /// never allocate. Larger explicit tiles work, but Eigen may then allocate per product.
   struct Config {
-    Index query_tile = 64;          ///< query rows per tile
-    Index key_tile = 256;           ///< key rows per tile
+    Index query_tile = 0;           ///< query rows per tile; 0: automatic
+    Index key_tile = 0;             ///< key rows per tile; 0: automatic
     std::optional<double> scale{};  ///< logit scale; default 1/√d_k
   };
 
@@ -48,10 +53,10 @@ class FullAttention {
 
   FullAttention() : FullAttention(Config{}, HeadLayout{}) {}
   FullAttention(Config config, HeadLayout layout) : config_(config), layout_(layout) {
-    detail::require(config_.query_tile > 0, "FullAttention", "query_tile", config_.query_tile,
-                    "a tile of at least 1 row");
-    detail::require(config_.key_tile > 0, "FullAttention", "key_tile", config_.key_tile,
-                    "a tile of at least 1 row");
+    detail::require(config_.query_tile >= 0, "FullAttention", "query_tile", config_.query_tile,
+                    "a number of rows (0 for automatic)");
+    detail::require(config_.key_tile >= 0, "FullAttention", "key_tile", config_.key_tile,
+                    "a number of rows (0 for automatic)");
     detail::require(!config_.scale || (std::isfinite(*config_.scale) && *config_.scale > 0),
                     "FullAttention", "scale", config_.scale.value_or(0.0),
                     "a finite positive number (or none for 1/sqrt(d_k))");
@@ -68,8 +73,29 @@ class FullAttention {
     detail::require(d_v > 0, "FullAttention", "d_v", d_v, "a head width of at least 1");
   }
 
-  std::size_t scratch_bytes(Index n_q, Index n_k, Index d_k, Index /*d_v*/) const {
-    const Index br = std::min(config_.query_tile, n_q), bc = std::min(config_.key_tile, n_k);
+  /// The tile sizes used for heads of these widths.
+  struct Tiles {
+    Index query, key;
+  };
+  Tiles tiles(Index d_k, Index d_v) const {
+    constexpr Index budget = detail::stack_pack_scalars<S>;
+    const Index width = std::max<Index>({d_k, d_v, 1});
+    auto pow2_at_most = [](Index limit, Index cap) {
+      Index t = 16;  // below 16 rows, tiles cost more in overhead than they save
+      while (2 * t <= std::min(limit, cap))
+        t *= 2;
+      return t;
+    };
+    // The d-wide panels of a tile must fit Eigen's stack buffer (with the query side
+    // rounded up to Eigen's register block); tile × tile products are sliced instead.
+    return {config_.query_tile > 0 ? config_.query_tile
+                                   : pow2_at_most(budget / width - detail::pack_row_rounding, 256),
+            config_.key_tile > 0 ? config_.key_tile : pow2_at_most(budget / width, 512)};
+  }
+
+  std::size_t scratch_bytes(Index n_q, Index n_k, Index d_k, Index d_v) const {
+    const Tiles t = tiles(d_k, d_v);
+    const Index br = std::min(t.query, n_q), bc = std::min(t.key, n_k);
     using W = Workspace;
     const std::size_t fwd =
         W::bytes_for<S>(br * d_k) + W::bytes_for<S>(br * bc) + 3 * W::bytes_for<S>(br);
@@ -85,7 +111,7 @@ class FullAttention {
   void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved* saved,
                const HeadContext& ctx, Workspace& ws) const {
     const Index n_q = q.rows(), d_k = q.cols();
-    const Index br = config_.query_tile, bc = config_.key_tile;
+    const auto [br, bc] = tiles(d_k, v.cols());
     const S s = scale(d_k);
     const detail::EigenSingleThreadScope serial_products;
     for (Index i0 = 0; i0 < n_q; i0 += br) {
@@ -110,7 +136,7 @@ class FullAttention {
         if (j0 + cols > tile.unmasked_end) mask_tile(p, ctx, i0, j0);
         detail::online_softmax_step(p, m, sum, rescale);
         if (j0 > 0) o.array().colwise() *= Eigen::Map<const Eigen::Array<S, -1, 1>>(rescale, rows);
-        o.noalias() += p * v.middleRows(j0, cols);
+        detail::sliced_product<true>(o, p, v.middleRows(j0, cols));
       }
       for (Index r = 0; r < rows; ++r) {
         // sum is 0 only for a row that saw no key; NaN input keeps it NaN, and so the output.
@@ -127,7 +153,7 @@ class FullAttention {
                 ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
                 const HeadContext& ctx, Workspace& ws) const {
     const Index n_q = q.rows(), n_k = k.rows(), dk = q.cols();
-    const Index br = config_.query_tile, bc = config_.key_tile;
+    const auto [br, bc] = tiles(dk, v.cols());
     const S s = scale(dk);
     const detail::EigenSingleThreadScope serial_products;
     Workspace::Frame frame(ws);
@@ -158,14 +184,14 @@ class FullAttention {
         p.noalias() = qs.middleRows(i0, rows) * kj.transpose();
         if (j0 + cols > tile.unmasked_end) mask_tile(p, ctx, i0, j0);
         for (Index r = 0; r < rows; ++r)
-          p.row(r) = (p.row(r).array() - lse[i0 + r]).exp().matrix();
+          detail::exp_shifted_sum(&p(r, 0), cols, lse[i0 + r]);
         const auto d_oi = d_out.middleRows(i0, rows);
-        dvj.noalias() += p.transpose() * d_oi;
+        detail::sliced_product<true>(dvj, p.transpose(), d_oi);
         dp.noalias() = d_oi * vj.transpose();
         for (Index r = 0; r < rows; ++r)
           dp.row(r) = (p.row(r).array() * (dp.row(r).array() - delta[i0 + r])).matrix();
-        d_q.middleRows(i0, rows).noalias() += dp * kj;
-        dkj.noalias() += dp.transpose() * qs.middleRows(i0, rows);
+        detail::sliced_product<true>(d_q.middleRows(i0, rows), dp, kj);
+        detail::sliced_product<true>(dkj, dp.transpose(), qs.middleRows(i0, rows));
       }
     }
     d_q *= s;
