@@ -12,6 +12,7 @@
 #include "effattn/core/workspace.hpp"
 
 #include "effattn/attention/full_attention.hpp"
+#include "effattn/attention/random_features.hpp"
 
 #include "effattn/layers/attention_core.hpp"
 #include "effattn/layers/multi_head_attention.hpp"
