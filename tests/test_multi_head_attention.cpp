@@ -252,3 +252,34 @@ TEST_CASE("MultiHeadAttention rejects bad input with a clear effattn::Error", "[
   CHECK_NOTHROW(block.forward(x, y, {2, 6}));
   CHECK(weights_of(block).w_q == before);
 }
+
+namespace {
+// FullAttention that rejects sequences longer than 8 (as a Linformer rejects n > n_max).
+struct ShortOnly : FullAttention<double> {
+  using FullAttention::FullAttention;
+  void validate(Index n_q, Index n_k, Index d_k, Index d_v, bool causal) const {
+    FullAttention::validate(n_q, n_k, d_k, d_v, causal);
+    detail::require(n_k <= 8, "ShortOnly", "n_k", n_k, "at most 8");
+  }
+};
+}  // namespace
+
+TEST_CASE("A rejected forward leaves the last training forward's state intact", "[mha][errors]") {
+  MultiHeadAttention<ShortOnly> block({.d_model = 4, .heads = 2, .seed = 9});
+  const SequenceShape shape{1, 6}, longer{1, 10};
+  Matrix<double> x(6, 4), y(6, 4), dy(6, 4), dx(6, 4), x_long(10, 4), y_long(10, 4);
+  CounterRng(1).fill_normal(x);
+  CounterRng(2).fill_normal(dy);
+  CounterRng(3).fill_normal(x_long);
+  block.set_training(true);
+
+  block.forward(x, y, shape);
+  block.backward(x, dy, dx, shape);
+  const Matrix<double> dx_clean = dx;
+  block.zero_grad();
+
+  block.forward(x, y, shape);
+  CHECK_THROWS_WITH(block.forward(x_long, y_long, longer), Catch::Contains("at most 8"));
+  block.backward(x, dy, dx, shape);  // still the backward of the 6-token forward
+  CHECK(dx == dx_clean);
+}

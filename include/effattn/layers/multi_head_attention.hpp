@@ -200,6 +200,9 @@ class MultiHeadAttention {
                    const SequenceShape& kv_shape, bool self) {
     check_inputs(x, context, q_shape, kv_shape, self);
     check_size(y, x.rows(), d_model(), "y");
+    // Every check before the first write: a rejected call must leave the state of the last
+    // training forward intact for its backward.
+    policy().validate(q_shape.seq, kv_shape.seq, d_key(), d_value(), causal);
     project(x, wq_, bq_, q_);
     project(context, wk_, bk_, k_);
     project(context, wv_, bv_, v_);
