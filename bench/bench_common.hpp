@@ -44,6 +44,12 @@ inline double exact_flops(const Problem& p) {
   return p.causal ? f / 2 : f;
 }
 
+/// FAVOR+'s work as the issue counts it: 8·n·m·d per head (features of q and k, and the two
+/// products with the m × d state).
+inline double favor_flops(const Problem& p, Index features = 256) {
+  return 8.0 * double(p.n) * double(features) * double(p.d) * double(p.heads) * p.batch;
+}
+
 /// Runs one forward of `Policy` over the whole problem through AttentionCore.
 template <class Policy, class Masking>
 struct Runner {

@@ -117,6 +117,7 @@ int main() {
         print(skipped);
       }
       print(measure_policy<FullAttention>("full", p, exact_flops(p)));
+      print(measure_policy<Favor>("favor", p, favor_flops(p)));
     }
   return 0;
 }

@@ -11,6 +11,7 @@
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 
+#include "effattn/attention/favor.hpp"
 #include "effattn/attention/full_attention.hpp"
 #include "effattn/attention/feature_maps.hpp"
 #include "effattn/attention/random_features.hpp"

@@ -1,0 +1,438 @@
+#pragma once
+// Favor: Performer's FAVOR+ attention, linear in the sequence length.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "effattn/attention/feature_maps.hpp"
+#include "effattn/attention/random_features.hpp"
+#include "effattn/core/concepts.hpp"
+#include "effattn/core/error.hpp"
+#include "effattn/core/head.hpp"
+#include "effattn/core/parallel.hpp"
+#include "effattn/core/product.hpp"
+#include "effattn/core/rng.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn {
+
+/// FAVOR+ (Choromanski et al. 2021, ALGORITHMS.md §2): with q' = q·d^{-1/4}, k' = k·d^{-1/4}
+/// and features Q' = φ(q'), K' = φ(k') from m random directions W [m × d_k],
+///   bidirectional  out = diag(Q'(K'ᵀ1))⁻¹ · Q'(K'ᵀV)
+///   causal         out_i = Q'_i S_i / (Q'_i · z_i),  S_i = Σ_{j≤i} K'_jᵀ V_j,  z_i = Σ_{j≤i} K'_j
+/// never forming an n×n matrix. Causal runs in chunks of `chunk` tokens: a masked chunk ×
+/// chunk product inside a chunk, the m×d_v state carried across chunks.
+/// Time O(n·m·d); scratch O(chunk·m + m·d_v) per thread (plus n_q scalars in causal backward).
+/// Stabiliser: queries subtract their own row's largest log-feature, keys one maximum over all
+/// valid keys (found by a first pass over the keys); both cancel in the normalisation. Padded
+/// keys get all-zero features, so they leave numerator and denominator. ε (Config::epsilon,
+/// default the map's) is added to every query feature, and to key features except when
+/// causal with a stabilised map: there the keys' maximum spans future keys, and ε would let
+/// them leak into earlier outputs (by ~1e-4 relative, measured). A row whose
+/// normaliser is 0 gives 0. W is not trained; it is drawn from the block's seed, redrawn on
+/// request and readable and settable. Queries and keys of a head always share W.
+template <class S = float, class FeatureMap = PositiveSoftmaxFeatures>
+class Favor {
+ public:
+  using Scalar = S;
+  using Map = FeatureMap;
+  static constexpr const char* name = "favor";
+  static constexpr bool supports_causal = true;
+  static constexpr bool supports_cross_attention = true;  // bidirectional only
+  static constexpr bool splits_queries = false;           // keys are summarised per call
+
+  struct Config {
+    Index features = 256;  ///< m, random directions
+    FeatureDirections directions = FeatureDirections::orthogonal;
+    FeatureNorms norms = FeatureNorms::regular;
+    bool per_head = false;            ///< one W per head, or one shared by the heads of the layer
+    Index chunk = 128;                ///< tokens per chunk (causal prefix sums, and feature blocks)
+    std::optional<double> epsilon{};  ///< added to every feature; default FeatureMap's
+  };
+  struct Saved {
+    std::size_t bytes() const { return 0; }  // everything is recomputed in backward
+  };
+
+  Favor() : Favor(Config{}, HeadLayout{}) {}
+  Favor(Config config, HeadLayout layout) : config_(config), layout_(layout) {
+    constexpr const char* who = "Favor";
+    detail::require(config_.features > 0, who, "features", config_.features,
+                    "at least 1 random feature");
+    detail::require(config_.chunk > 0, who, "chunk", config_.chunk, "at least 1 token");
+    detail::require(layout_.d_key > 0 && layout_.heads > 0, who, "layout",
+                    detail::concat(layout_.heads, " heads of width ", layout_.d_key),
+                    "at least one head of width at least 1");
+    epsilon_ = static_cast<S>(config_.epsilon.value_or(FeatureMap::default_epsilon));
+    redraw(layout_.seed);
+  }
+
+  const Config& config() const { return config_; }
+  Index features() const { return config_.features; }
+  /// Feature width: features() random directions, FeatureMap::width features each.
+  Index feature_width() const { return FeatureMap::width * config_.features; }
+  /// Number of W matrices: heads when per_head, else 1.
+  Index projections() const { return static_cast<Index>(w_.size()); }
+  const Matrix<S>& projection(Index head) const { return w_[index_of(head)]; }
+
+  /// Replaces W of `head` (all heads share one when not per_head), e.g. to load weights.
+  void set_projection(Index head, const Matrix<S>& w) {
+    detail::require(w.rows() == config_.features && w.cols() == layout_.d_key, "Favor",
+                    "projection", detail::concat("a ", w.rows(), "×", w.cols(), " matrix"),
+                    detail::concat("features × d_key = ", config_.features, "×", layout_.d_key));
+    w_[index_of(head)] = w;
+  }
+
+  /// Draws every W anew from `seed` (training redraws every so many steps).
+  void redraw(std::uint64_t seed) {
+    w_.clear();
+    const Index count = config_.per_head ? layout_.heads : 1;
+    for (Index h = 0; h < count; ++h)
+      w_.push_back(draw_random_features<S>(config_.features, layout_.d_key, config_.directions,
+                                           config_.norms,
+                                           CounterRng(seed, 0x4641564f52ull + std::uint64_t(h))));
+  }
+
+  Saved make_saved(Index, Index) const { return {}; }
+
+  void validate(Index n_q, Index n_k, Index d_k, Index d_v, bool causal) const {
+    constexpr const char* who = "Favor";
+    detail::require(n_q > 0, who, "n_q", n_q, "at least 1 query");
+    detail::require(n_k > 0, who, "n_k", n_k, "at least 1 key");
+    detail::require(d_k == layout_.d_key, who, "d_k", d_k,
+                    detail::concat("the width W was drawn for, ", layout_.d_key));
+    detail::require(d_v > 0, who, "d_v", d_v, "a head width of at least 1");
+    detail::require(!causal || n_q == n_k, who, "n_q", n_q,
+                    detail::concat("n_k = ", n_k, ": causal FAVOR+ needs self-attention"));
+  }
+
+  std::size_t scratch_bytes(Index n_q, Index n_k, Index d_k, Index d_v) const {
+    using W = Workspace;
+    const Index c = std::min(config_.chunk, std::max(n_q, n_k)), m = config_.features;
+    const Index f = feature_width();
+    const std::size_t chunk_buffers = 2 * W::bytes_for<S>(c * d_k) + 2 * W::bytes_for<S>(c * m) +
+                                      4 * W::bytes_for<S>(c * f) + 2 * W::bytes_for<S>(c * c) +
+                                      2 * W::bytes_for<S>(c * d_v) + 4 * W::bytes_for<S>(c);
+    const std::size_t state = 4 * W::bytes_for<S>(f * d_v) + 4 * W::bytes_for<S>(f);
+    return chunk_buffers + state + W::bytes_for<S>(n_q);
+  }
+
+  void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved*,
+               const HeadContext& ctx, Workspace& ws) const {
+    const detail::EigenSingleThreadScope serial_products;
+    Workspace::Frame frame(ws);
+    const Matrix<S>& w = projection(ctx.head);
+    const Index n_q = q.rows(), d_v = v.cols(), f = feature_width(), c = config_.chunk;
+    const Index keys = ctx.key_length;
+    out.setZero();
+    if (keys == 0) return;
+    const S shift = key_shift(k.topRows(keys), w, ws);
+    Block qb(*this, ws, std::min(c, n_q), w.cols(), ctx.causal),
+        kb(*this, ws, std::min(c, keys), w.cols(), ctx.causal);
+    auto state = ws.matrix<S>(f, d_v);  // Σ K'ᵀV
+    auto z = ws.matrix<S>(1, f);        // Σ K'
+    auto den = ws.matrix<S>(std::min(c, n_q), 1);
+    state.setZero();
+    z.setZero();
+    if (!ctx.causal) {
+      summarise_keys(k.topRows(keys), v.topRows(keys), w, shift, kb, state, z);
+      for (Index i0 = 0; i0 < n_q; i0 += c) {
+        const Index rows = std::min(c, n_q - i0);
+        qb.compute(q.middleRows(i0, rows), w, true, 0);
+        auto o = out.middleRows(i0, rows);
+        mul<false>(o, qb.phi(), state);
+        auto dl = den.topRows(rows);
+        dl.noalias() = qb.phi() * z.transpose();
+        normalise(o, dl);
+      }
+      return;
+    }
+    auto a = ws.matrix<S>(std::min(c, n_q), std::min(c, n_q));
+    for (Index t0 = 0; t0 < n_q; t0 += c) {
+      const Index rows = std::min(c, n_q - t0);
+      const Index valid = std::clamp<Index>(keys - t0, 0, rows);  // padded keys are at the end
+      qb.compute(q.middleRows(t0, rows), w, true, 0);
+      kb.compute(k.middleRows(t0, rows), w, false, shift, valid);
+      auto al = a.topLeftCorner(rows, rows);
+      mul<false>(al, qb.phi(), kb.phi().transpose());
+      al.template triangularView<Eigen::StrictlyUpper>().setZero();
+      auto o = out.middleRows(t0, rows);
+      mul<false>(o, qb.phi(), state);
+      mul<true>(o, al, v.middleRows(t0, rows));
+      auto dl = den.topRows(rows);
+      dl.noalias() = qb.phi() * z.transpose();
+      dl += al.rowwise().sum();
+      normalise(o, dl);
+      mul<true>(state, kb.phi().transpose(), v.middleRows(t0, rows));
+      z.noalias() += kb.phi().colwise().sum();
+    }
+  }
+
+  void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
+                ConstView<S> d_out, const Saved&, View<S> d_q, View<S> d_k, View<S> d_v,
+                const HeadContext& ctx, Workspace& ws) const {
+    const detail::EigenSingleThreadScope serial_products;
+    Workspace::Frame frame(ws);
+    const Matrix<S>& w = projection(ctx.head);
+    const Index n_q = q.rows(), dv = v.cols(), f = feature_width(), c = config_.chunk;
+    const Index keys = ctx.key_length;
+    d_q.setZero();
+    d_k.setZero();
+    d_v.setZero();
+    if (keys == 0) return;
+    const S shift = key_shift(k.topRows(keys), w, ws);
+    Block qb(*this, ws, std::min(c, n_q), w.cols(), ctx.causal),
+        kb(*this, ws, std::min(c, keys), w.cols(), ctx.causal);
+    auto state = ws.matrix<S>(f, dv);
+    auto z = ws.matrix<S>(1, f);
+    auto r_state = ws.matrix<S>(f, dv);  // Σ Q'ᵀ dnum over the queries that see a key
+    auto r_z = ws.matrix<S>(1, f);       // Σ Q'ᵀ dden
+    auto d_phi = ws.matrix<S>(std::min(c, std::max(n_q, keys)), f);
+    auto dnum = ws.matrix<S>(std::min(c, n_q), dv);
+    auto dden = ws.matrix<S>(std::min(c, n_q), 1);
+    auto den = ws.matrix<S>(std::min(c, n_q), 1);
+    state.setZero();
+    z.setZero();
+    r_state.setZero();
+    r_z.setZero();
+    // dnum = dout/den, dden = −(dout·out)/den for rows [i0, i0+rows) given their normalisers.
+    auto output_grads = [&](Index i0, Index rows, const auto& den) {
+      for (Index r = 0; r < rows; ++r) {
+        const S inv = den(r) == S(0) ? S(0) : S(1) / den(r);
+        dnum.row(r) = inv * d_out.row(i0 + r);
+        dden(r) = -inv * d_out.row(i0 + r).dot(out.row(i0 + r));
+      }
+    };
+
+    if (!ctx.causal) {
+      summarise_keys(k.topRows(keys), v.topRows(keys), w, shift, kb, state, z);
+      for (Index i0 = 0; i0 < n_q; i0 += c) {
+        const Index rows = std::min(c, n_q - i0);
+        qb.compute(q.middleRows(i0, rows), w, true, 0);
+        auto dl = den.topRows(rows);
+        dl.noalias() = qb.phi() * z.transpose();
+        output_grads(i0, rows, dl);
+        auto dp = d_phi.topRows(rows);
+        mul<false>(dp, dnum.topRows(rows), state.transpose());
+        dp.noalias() += dden.topRows(rows) * z;
+        qb.backward(dp, w, d_q.middleRows(i0, rows));
+        mul<true>(r_state, qb.phi().transpose(), dnum.topRows(rows));
+        r_z.noalias() += dden.topRows(rows).transpose() * qb.phi();
+      }
+      for (Index j0 = 0; j0 < keys; j0 += c) {
+        const Index rows = std::min(c, keys - j0);
+        kb.compute(k.middleRows(j0, rows), w, false, shift);
+        auto dp = d_phi.topRows(rows);
+        mul<false>(dp, v.middleRows(j0, rows), r_state.transpose());
+        dp.rowwise() += r_z.row(0);
+        mul<false>(d_v.middleRows(j0, rows), kb.phi(), r_state);
+        kb.backward(dp, w, d_k.middleRows(j0, rows));
+      }
+      return;
+    }
+
+    // Causal. Forward sweep: the states before each chunk give dQ; each row's normaliser is
+    // kept (n_q scalars) for the reverse sweep, which accumulates Σ_{i ≥ j} terms for dK, dV.
+    S* den_all = ws.take<S>(n_q);
+    auto a = ws.matrix<S>(std::min(c, n_q), std::min(c, n_q));
+    auto l = ws.matrix<S>(std::min(c, n_q), std::min(c, n_q));
+    // L = tril(dnum·Vᵀ + dden·1ᵀ): the loss's derivative by the chunk's masked products.
+    auto local_grads = [&](Index rows, const auto& v_chunk) {
+      auto ll = l.topLeftCorner(rows, rows);
+      mul<false>(ll, dnum.topRows(rows), v_chunk.transpose());
+      ll.colwise() += dden.topRows(rows).col(0);
+      ll.template triangularView<Eigen::StrictlyUpper>().setZero();
+      return ll;
+    };
+    for (Index t0 = 0; t0 < n_q; t0 += c) {
+      const Index rows = std::min(c, n_q - t0);
+      const Index valid = std::clamp<Index>(keys - t0, 0, rows);
+      qb.compute(q.middleRows(t0, rows), w, true, 0);
+      kb.compute(k.middleRows(t0, rows), w, false, shift, valid);
+      auto al = a.topLeftCorner(rows, rows);
+      mul<false>(al, qb.phi(), kb.phi().transpose());
+      al.template triangularView<Eigen::StrictlyUpper>().setZero();
+      Eigen::Map<Eigen::Matrix<S, -1, 1>> den(den_all + t0, rows);
+      den.noalias() = qb.phi() * z.transpose();
+      den += al.rowwise().sum();
+      output_grads(t0, rows, den);
+      auto ll = local_grads(rows, v.middleRows(t0, rows));
+      auto dp = d_phi.topRows(rows);
+      mul<false>(dp, dnum.topRows(rows), state.transpose());
+      dp.noalias() += dden.topRows(rows) * z;
+      mul<true>(dp, ll, kb.phi());
+      qb.backward(dp, w, d_q.middleRows(t0, rows));
+      mul<true>(state, kb.phi().transpose(), v.middleRows(t0, rows));
+      z.noalias() += kb.phi().colwise().sum();
+    }
+    const Index last = ((n_q - 1) / c) * c;
+    for (Index t0 = last; t0 >= 0; t0 -= c) {
+      const Index rows = std::min(c, n_q - t0);
+      const Index valid = std::clamp<Index>(keys - t0, 0, rows);
+      qb.compute(q.middleRows(t0, rows), w, true, 0);
+      kb.compute(k.middleRows(t0, rows), w, false, shift, valid);
+      output_grads(t0, rows, Eigen::Map<const Eigen::Matrix<S, -1, 1>>(den_all + t0, rows));
+      auto al = a.topLeftCorner(rows, rows);
+      mul<false>(al, qb.phi(), kb.phi().transpose());
+      al.template triangularView<Eigen::StrictlyUpper>().setZero();
+      auto ll = local_grads(rows, v.middleRows(t0, rows));
+      auto dp = d_phi.topRows(rows);
+      mul<false>(dp, v.middleRows(t0, rows), r_state.transpose());
+      dp.rowwise() += r_z.row(0);
+      mul<true>(dp, ll.transpose(), qb.phi());
+      auto dvc = d_v.middleRows(t0, rows);
+      mul<false>(dvc, kb.phi(), r_state);
+      mul<true>(dvc, al.transpose(), dnum.topRows(rows));
+      if (valid < rows) {  // padded keys: no gradient
+        dvc.bottomRows(rows - valid).setZero();
+        dp.bottomRows(rows - valid).setZero();
+      }
+      kb.backward(dp, w, d_k.middleRows(t0, rows));
+      mul<true>(r_state, qb.phi().transpose(), dnum.topRows(rows));
+      r_z.noalias() += dden.topRows(rows).transpose() * qb.phi();
+    }
+  }
+
+ private:
+  // Features of a block of rows, with what backward needs: the scaled inputs and projections.
+  class Block {
+   public:
+    Block(const Favor& favor, Workspace& ws, Index capacity, Index d, bool causal)
+        : favor_(favor),
+          key_epsilon_(favor.key_epsilon(causal)),
+          xs_(ws.matrix<S>(capacity, d)),
+          z_(ws.matrix<S>(capacity, favor.features())),
+          phi_(ws.matrix<S>(capacity, favor.feature_width())) {}
+
+    /// Features of `x` (rows of q or k); rows at or past `valid` get zero features.
+    template <class X>
+    void compute(const X& x, const Matrix<S>& w, bool query, S key_shift, Index valid = -1) {
+      rows_ = x.rows();
+      epsilon_ = query ? favor_.epsilon_ : key_epsilon_;
+      valid_ = valid < 0 ? rows_ : valid;
+      const Index m = favor_.features();
+      xs().noalias() = favor_.input_scale() * x;
+      mul<false>(z(), xs(), w.transpose());
+      for (Index r = 0; r < rows_; ++r) {
+        if (r >= valid_) {
+          phi().row(r).setZero();
+          continue;
+        }
+        const S h = xs().row(r).squaredNorm() / 2;
+        const S* zr = &z_(r, 0);
+        const S shift = query ? FeatureMap::log_max(zr, m, h) : key_shift;
+        FeatureMap::apply(zr, m, h, shift, &phi_(r, 0));
+        phi().row(r).array() += epsilon_;
+      }
+    }
+
+    /// dx (written) from d_phi for the rows of the last compute.
+    template <class DP, class DX>
+    void backward(DP& d_phi, const Matrix<S>& w, DX&& dx) {
+      const Index m = favor_.features();
+      auto dz = z_.topRows(rows_);  // reused for dL/dz once the features are known
+      for (Index r = 0; r < rows_; ++r) {
+        if (r >= valid_) {
+          dz.row(r).setZero();
+          continue;
+        }
+        const S h = xs().row(r).squaredNorm() / 2;
+        phi().row(r).array() -= epsilon_;  // the maps' derivatives use φ without ε
+        const S dh = FeatureMap::backward(&z_(r, 0), m, h, &phi_(r, 0), &d_phi(r, 0), &z_(r, 0));
+        phi().row(r).array() += epsilon_;
+        dx.row(r) = dh * xs().row(r);  // ∂h/∂x' = x'
+      }
+      mul<true>(dx, dz, w);
+      dx *= favor_.input_scale();
+    }
+
+    auto phi() { return phi_.topRows(rows_); }
+    auto xs() { return xs_.topRows(rows_); }
+    auto z() { return z_.topRows(rows_); }
+
+   private:
+    const Favor& favor_;
+    S key_epsilon_;
+    Eigen::Map<Matrix<S>, Eigen::Aligned64> xs_, z_, phi_;
+    Index rows_ = 0, valid_ = 0;
+    S epsilon_ = 0;
+  };
+
+  // Every product through sliced_product: operands as wide as the features would otherwise
+  // make Eigen pack on the heap.
+  template <bool Accumulate, class D, class A, class B>
+  static void mul(D&& dst, const A& a, const B& b) {
+    detail::sliced_product<Accumulate>(std::forward<D>(dst), a, b);
+  }
+
+  // ε on key features would make the output depend on the keys' stabiliser; causal, that
+  // is a maximum over future keys too, so there keys get none (queries' shifts are their own).
+  S key_epsilon(bool causal) const {
+    return causal && FeatureMap::estimates_softmax ? S(0) : epsilon_;
+  }
+
+  S input_scale() const {
+    return FeatureMap::estimates_softmax ? static_cast<S>(std::pow(double(layout_.d_key), -0.25))
+                                         : S(1);
+  }
+
+  std::size_t index_of(Index head) const {
+    return static_cast<std::size_t>(config_.per_head ? head : 0);
+  }
+
+  // The largest log-feature over all (valid) keys: the keys' stabiliser.
+  S key_shift(ConstView<S> k, const Matrix<S>& w, Workspace& ws) const {
+    Workspace::Frame frame(ws);
+    const Index c = std::min(config_.chunk, k.rows()), m = config_.features;
+    auto xs = ws.matrix<S>(c, k.cols());
+    auto z = ws.matrix<S>(c, m);
+    S shift = -std::numeric_limits<S>::infinity();
+    for (Index j0 = 0; j0 < k.rows(); j0 += c) {
+      const Index rows = std::min(c, k.rows() - j0);
+      auto xb = xs.topRows(rows);
+      auto zb = z.topRows(rows);
+      xb.noalias() = input_scale() * k.middleRows(j0, rows);
+      mul<false>(zb, xb, w.transpose());
+      for (Index r = 0; r < rows; ++r)
+        shift = std::max(shift, FeatureMap::log_max(&z(r, 0), m, S(xb.row(r).squaredNorm() / 2)));
+    }
+    return shift;
+  }
+
+  // state = Σ_j K'_jᵀ V_j and z = Σ_j K'_j over the given (valid) keys, chunk by chunk.
+  template <class St, class Z>
+  void summarise_keys(ConstView<S> k, ConstView<S> v, const Matrix<S>& w, S shift, Block& kb,
+                      St& state, Z& z) const {
+    for (Index j0 = 0; j0 < k.rows(); j0 += config_.chunk) {
+      const Index rows = std::min(config_.chunk, k.rows() - j0);
+      kb.compute(k.middleRows(j0, rows), w, false, shift);
+      mul<true>(state, kb.phi().transpose(), v.middleRows(j0, rows));
+      z.noalias() += kb.phi().colwise().sum();
+    }
+  }
+
+  template <class O, class D>
+  static void normalise(O& o, const D& den) {
+    for (Index r = 0; r < o.rows(); ++r) {
+      if (den(r) == S(0))
+        o.row(r).setZero();
+      else
+        o.row(r) /= den(r);
+    }
+  }
+
+  Config config_;
+  HeadLayout layout_;
+  S epsilon_ = 0;
+  std::vector<Matrix<S>> w_;
+};
+
+static_assert(AttentionPolicy<Favor<float>>);
+static_assert(AttentionPolicy<Favor<double, ReluFeatures>>);
+
+}  // namespace effattn
