@@ -38,7 +38,7 @@ struct PositiveSoftmaxFeatures {
 
   template <class S>
   static S log_max(const S* z, Index m, S h) {
-    return *std::max_element(z, z + m) - h;
+    return Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(z, m).maxCoeff() - h;
   }
   template <class S>
   static void apply(const S* z, Index m, S h, S shift, S* phi) {
@@ -67,10 +67,7 @@ struct HyperbolicSoftmaxFeatures {
 
   template <class S>
   static S log_max(const S* z, Index m, S h) {
-    S largest = 0;
-    for (Index j = 0; j < m; ++j)
-      largest = std::max(largest, std::abs(z[j]));
-    return largest - h;
+    return Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(z, m).abs().maxCoeff() - h;
   }
   template <class S>
   static void apply(const S* z, Index m, S h, S shift, S* phi) {
