@@ -12,8 +12,8 @@
 #include "effattn/core/workspace.hpp"
 
 #include "effattn/attention/favor.hpp"
-#include "effattn/attention/full_attention.hpp"
 #include "effattn/attention/feature_maps.hpp"
+#include "effattn/attention/full_attention.hpp"
 #include "effattn/attention/random_features.hpp"
 
 #include "effattn/layers/attention_core.hpp"
