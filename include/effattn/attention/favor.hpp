@@ -201,9 +201,9 @@ class Favor {
     r_state.setZero();
     r_z.setZero();
     // dnum = dout/den, dden = −(dout·out)/den for rows [i0, i0+rows) given their normalisers.
-    auto output_grads = [&](Index i0, Index rows, const auto& den) {
+    auto output_grads = [&](Index i0, Index rows, const auto& normaliser) {
       for (Index r = 0; r < rows; ++r) {
-        const S inv = den(r) == S(0) ? S(0) : S(1) / den(r);
+        const S inv = normaliser(r) == S(0) ? S(0) : S(1) / normaliser(r);
         dnum.row(r) = inv * d_out.row(i0 + r);
         dden(r) = -inv * d_out.row(i0 + r).dot(out.row(i0 + r));
       }
@@ -257,10 +257,10 @@ class Favor {
       auto al = a.topLeftCorner(rows, rows);
       mul<false>(al, qb.phi(), kb.phi().transpose());
       al.template triangularView<Eigen::StrictlyUpper>().setZero();
-      Eigen::Map<Eigen::Matrix<S, -1, 1>> den(den_all + t0, rows);
-      den.noalias() = qb.phi() * z.transpose();
-      den += al.rowwise().sum();
-      output_grads(t0, rows, den);
+      Eigen::Map<Eigen::Matrix<S, -1, 1>> den_chunk(den_all + t0, rows);
+      den_chunk.noalias() = qb.phi() * z.transpose();
+      den_chunk += al.rowwise().sum();
+      output_grads(t0, rows, den_chunk);
       auto ll = local_grads(rows, v.middleRows(t0, rows));
       auto dp = d_phi.topRows(rows);
       mul<false>(dp, dnum.topRows(rows), state.transpose());
