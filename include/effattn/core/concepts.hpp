@@ -106,5 +106,14 @@ constexpr bool assert_attention_policy() {
   return true;
 }
 
+/// Whether a policy may run under this masking (Bidirectional or Causal). A policy header
+/// may specialise it to reject causal use in its own words (see attention/low_rank.hpp).
+template <class Policy, class Masking>
+struct MaskingCheck {
+  static_assert(!Masking::causal || Policy::supports_causal,
+                "effattn: this attention policy cannot be causal (it mixes information from all "
+                "positions); use effattn::Bidirectional, or a policy with supports_causal.");
+};
+
 }  // namespace detail
 }  // namespace effattn

@@ -27,12 +27,16 @@ namespace effattn {
 template <class Policy, class Masking = Bidirectional>
 class AttentionCore {
   static_assert(detail::assert_attention_policy<Policy>());
-  static_assert(std::is_same_v<Masking, Bidirectional> || std::is_same_v<Masking, Causal>,
+  static constexpr bool known_masking =
+      std::is_same_v<Masking, Bidirectional> || std::is_same_v<Masking, Causal>;
+  static_assert(known_masking,
                 "effattn: the masking argument must be effattn::Bidirectional or "
                 "effattn::Causal.");
-  static_assert(!Masking::causal || Policy::supports_causal,
-                "effattn: this attention policy cannot be causal (it mixes information from all "
-                "positions); use effattn::Bidirectional, or a policy with supports_causal.");
+  // sizeof instantiates the check, whose own static_assert gives the message.
+  static_assert(
+      sizeof(
+          detail::MaskingCheck<Policy, std::conditional_t<known_masking, Masking, Bidirectional>>) >
+      0);
 
  public:
   using Scalar = typename Policy::Scalar;
