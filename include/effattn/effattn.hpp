@@ -14,7 +14,9 @@
 #include "effattn/attention/favor.hpp"
 #include "effattn/attention/feature_maps.hpp"
 #include "effattn/attention/full_attention.hpp"
+#include "effattn/attention/low_rank.hpp"
 #include "effattn/attention/random_features.hpp"
+#include "effattn/attention/sequence_projections.hpp"
 
 #include "effattn/layers/attention_core.hpp"
 #include "effattn/layers/multi_head_attention.hpp"

@@ -1,0 +1,280 @@
+#pragma once
+// LowRank: Linformer's attention with keys and values projected along the sequence.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "effattn/attention/full_attention.hpp"
+#include "effattn/attention/sequence_projections.hpp"
+#include "effattn/core/concepts.hpp"
+#include "effattn/core/error.hpp"
+#include "effattn/core/head.hpp"
+#include "effattn/core/rng.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn {
+
+/// Which heads, keys and values share a projection (Linformer §4, "parameter sharing").
+enum class ProjectionSharing {
+  none,       ///< every head has its own E_h (keys) and F_h (values)
+  headwise,   ///< one E and one F per layer, shared by its heads
+  key_value,  ///< one E per layer for keys and values of every head (F = E)
+  layerwise,  ///< one E for keys and values of every head of several layers (Config::shared)
+};
+
+/// Linformer (Wang et al. 2020, ALGORITHMS.md §3): per head,
+///   out = softmax(s · q (E k)ᵀ) (F v),   E k, F v ∈ ℝ^{r × d},  s = 1/√d_k by default,
+/// where E, F are a Projection along the sequence (DenseProjection: learned k × n_max;
+/// MeanPooling / MaxPooling / ConvProjection: windows of `kernel` tokens, r = n/kernel).
+/// The attention over the r projected rows is FullAttention's kernel, so time is
+/// O(n·r·d) and scratch O(r·d + tile·r) per thread. Forward keeps E k, F v and each row's
+/// log-sum-exp for backward, which gives dq, dk, dv and adds the projections' gradients.
+///
+/// Not causal: every projected row mixes all positions, so `MultiHeadAttention<LowRank<…>,
+/// Causal>` does not compile. Cross-attention (n_q ≠ n_k) is fine: E projects the keys.
+///
+/// Key padding: padded key and value rows are treated as zeros before projecting. For a
+/// dense E that is exactly the unpadded sequence of the valid length (its first L columns);
+/// the r projected keys are then all kept, so the softmax still normalises over r rows (the
+/// projection, not the padding, decides their weights). Pooled or convolved windows made
+/// only of padding are masked out of the softmax; a window that is partly padding
+/// averages (mean) or convolves its padding as zeros, and max pooling leaves it out.
+///
+/// Sharing (ProjectionSharing): layerwise sharing uses shared ownership. A layer whose
+/// Config::shared is empty makes the projection, owns its visiting (visit_parameters,
+/// zero_grad) and hands it out by shared_projection(); pass that to the other layers'
+/// Config::shared and they use it (adding their gradients to it) without visiting it, so an
+/// optimiser updates it once. Copying a LowRank copies its own projections and keeps
+/// sharing a layerwise one (the copy does not visit it). Gradients are added under a lock per
+/// projection, so with several threads their last bits depend on the order heads finish.
+template <class S = float, template <class> class Projection = DenseProjection>
+class LowRank {
+ public:
+  using Scalar = S;
+  using Proj = Projection<S>;
+  static constexpr const char* name = "lowrank";
+  static constexpr bool supports_causal = false;  // see detail::MaskingCheck below
+  static constexpr bool supports_cross_attention = true;
+  static constexpr bool splits_queries = false;  // a slice would project the keys again
+
+  struct Config {
+    typename Proj::Config projection{};  ///< k and n_max (dense), or the kernel
+    ProjectionSharing sharing = ProjectionSharing::headwise;
+    std::shared_ptr<Proj> shared{};  ///< layerwise: another layer's shared_projection()
+    std::optional<double> scale{};   ///< logit scale; default 1/√d_k
+  };
+
+  /// E k, F v of one (sequence, head) and the attention's row log-sum-exp.
+  struct Saved {
+    Matrix<S> keys, values;
+    typename FullAttention<S>::Saved attention;
+    std::size_t bytes() const {
+      return sizeof(S) * static_cast<std::size_t>(keys.size() + values.size()) + attention.bytes();
+    }
+  };
+
+  LowRank() : LowRank(Config{}, HeadLayout{}) {}
+  LowRank(Config config, HeadLayout layout)
+      : config_(std::move(config)), layout_(layout), attention_({0, 0, config_.scale}, layout) {
+    constexpr const char* who = "LowRank";
+    detail::require(
+        layout_.heads > 0 && layout_.d_key > 0 && layout_.d_value > 0, who, "layout",
+        detail::concat(layout_.heads, " heads of widths ", layout_.d_key, ", ", layout_.d_value),
+        "at least one head of widths at least 1");
+    const bool layerwise = config_.sharing == ProjectionSharing::layerwise;
+    detail::require(!config_.shared || layerwise, who, "shared", "a projection",
+                    "none unless sharing is ProjectionSharing::layerwise");
+    if (config_.shared) {
+      if constexpr (requires { config_.projection.k; })
+        detail::require(config_.shared->config().k == config_.projection.k &&
+                            config_.shared->config().n_max == config_.projection.n_max,
+                        who, "shared",
+                        detail::concat("a projection of k = ", config_.shared->config().k,
+                                       ", n_max = ", config_.shared->config().n_max),
+                        detail::concat("this layer's k = ", config_.projection.k,
+                                       ", n_max = ", config_.projection.n_max,
+                                       " (layerwise sharing needs one shape)"));
+      else
+        detail::require(config_.shared->config().kernel == config_.projection.kernel, who, "shared",
+                        detail::concat("a projection of kernel ", config_.shared->config().kernel),
+                        detail::concat("this layer's kernel, ", config_.projection.kernel));
+      slots_.push_back(config_.shared);
+      owns_shared_ = false;
+      config_.shared.reset();  // the slot holds it; the config keeps no second owner
+      return;
+    }
+    const Index count = slot_count();
+    for (Index s = 0; s < count; ++s)
+      slots_.push_back(std::make_shared<Proj>(
+          config_.projection, CounterRng(layout_.seed, 0x4c494e46ull + std::uint64_t(s))));
+  }
+
+  LowRank(const LowRank& other)
+      : config_(other.config_),
+        layout_(other.layout_),
+        attention_(other.attention_),
+        owns_shared_(config_.sharing != ProjectionSharing::layerwise) {
+    const bool layerwise = config_.sharing == ProjectionSharing::layerwise;
+    for (const auto& s : other.slots_)
+      slots_.push_back(layerwise ? s : std::make_shared<Proj>(*s));
+  }
+  LowRank& operator=(const LowRank& other) {
+    if (this != &other) *this = LowRank(other);
+    return *this;
+  }
+  LowRank(LowRank&&) noexcept = default;
+  LowRank& operator=(LowRank&&) noexcept = default;
+  ~LowRank() = default;
+
+  const Config& config() const { return config_; }
+
+  /// The projection applied to the keys (values = false) or values of `head`.
+  Proj& projection(Index head, bool values = false) { return *slots_[slot(head, values)]; }
+  const Proj& projection(Index head, bool values = false) const {
+    return *slots_[slot(head, values)];
+  }
+  /// With layerwise sharing: the projection to hand to the other layers' Config::shared.
+  std::shared_ptr<Proj> shared_projection() const {
+    return config_.sharing == ProjectionSharing::layerwise ? slots_.front() : nullptr;
+  }
+
+  /// Calls f(name, value, gradient) for each projection this layer owns: "E" and "F"
+  /// (headwise), "E" (key_value; layerwise, in the layer that made it), "E_h<i>", "F_h<i>"
+  /// (none). Nothing for projections without parameters.
+  template <class F>
+  void visit_parameters(F&& f) {
+    if constexpr (Proj::learned) {
+      if (!owns_shared_) return;
+      for (std::size_t s = 0; s < slots_.size(); ++s)
+        slots_[s]->visit_parameters(f, slot_name(s));
+    }
+  }
+  void zero_grad() {
+    if constexpr (Proj::learned) {
+      if (!owns_shared_) return;
+      for (auto& s : slots_)
+        s->zero_grad();
+    }
+  }
+
+  Saved make_saved(Index n_q, Index n_k) const {
+    const Index r = slots_.front()->rows(n_k);
+    return Saved{Matrix<S>(r, layout_.d_key), Matrix<S>(r, layout_.d_value),
+                 attention_.make_saved(n_q, r)};
+  }
+
+  void validate(Index n_q, Index n_k, Index d_k, Index d_v, bool causal) const {
+    constexpr const char* who = "LowRank";
+    detail::require(!causal, who, "causal", "true",
+                    "false: Linformer's projections mix all positions of the sequence");
+    detail::require(n_q > 0, who, "n_q", n_q, "at least 1 query");
+    detail::require(n_k > 0, who, "n_k", n_k, "at least 1 key");
+    detail::require(d_k == layout_.d_key, who, "d_k", d_k,
+                    detail::concat("the layout's key width, ", layout_.d_key));
+    detail::require(d_v == layout_.d_value, who, "d_v", d_v,
+                    detail::concat("the layout's value width, ", layout_.d_value));
+    slots_.front()->check(who, n_k);
+  }
+
+  std::size_t scratch_bytes(Index n_q, Index n_k, Index d_k, Index d_v) const {
+    using W = Workspace;
+    const Index r = slots_.front()->rows(n_k);
+    const std::size_t projected = W::bytes_for<S>(r * d_k) + W::bytes_for<S>(r * d_v);
+    const std::size_t projection =
+        std::max(slots_.front()->scratch_bytes(n_k, d_k), slots_.front()->scratch_bytes(n_k, d_v));
+    return projected + std::max(attention_.scratch_bytes(n_q, r, d_k, d_v), projection);
+  }
+
+  void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved* saved,
+               const HeadContext& ctx, Workspace& ws) const {
+    const detail::EigenSingleThreadScope serial_products;
+    Workspace::Frame frame(ws);
+    const Index n_k = k.rows(), r = slots_.front()->rows(n_k);
+    auto kp_scratch = ws.matrix<S>(saved ? 0 : r, k.cols());
+    auto vp_scratch = ws.matrix<S>(saved ? 0 : r, v.cols());
+    View<S> kp = saved ? View<S>(saved->keys) : View<S>(kp_scratch);
+    View<S> vp = saved ? View<S>(saved->values) : View<S>(vp_scratch);
+    projection(ctx.head, false).forward(k, ctx.key_length, kp, ws);
+    projection(ctx.head, true).forward(v, ctx.key_length, vp, ws);
+    attention_.forward(q, kp, vp, out, saved ? &saved->attention : nullptr,
+                       projected_context(ctx, n_k), ws);
+  }
+
+  void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
+                ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
+                const HeadContext& ctx, Workspace& ws) const {
+    const detail::EigenSingleThreadScope serial_products;
+    Workspace::Frame frame(ws);
+    auto d_kp = ws.matrix<S>(saved.keys.rows(), saved.keys.cols());
+    auto d_vp = ws.matrix<S>(saved.values.rows(), saved.values.cols());
+    attention_.backward(q, saved.keys, saved.values, out, d_out, saved.attention, d_q, d_kp, d_vp,
+                        projected_context(ctx, k.rows()), ws);
+    slots_[slot(ctx.head, false)]->backward(k, ctx.key_length, d_kp, d_k, ws);
+    slots_[slot(ctx.head, true)]->backward(v, ctx.key_length, d_vp, d_v, ws);
+  }
+
+ private:
+  Index slot_count() const {
+    switch (config_.sharing) {
+      case ProjectionSharing::none:
+        return Proj::learned ? 2 * layout_.heads : 1;
+      case ProjectionSharing::headwise:
+        return Proj::learned ? 2 : 1;
+      default:
+        return 1;
+    }
+  }
+
+  std::size_t slot(Index head, bool values) const {
+    if (slots_.size() == 1) return 0;
+    if (config_.sharing == ProjectionSharing::headwise) return values ? 1 : 0;
+    return static_cast<std::size_t>(2 * head + (values ? 1 : 0));
+  }
+
+  std::string slot_name(std::size_t s) const {
+    if (config_.sharing != ProjectionSharing::none) return s == 0 ? "E" : "F";
+    return detail::concat(s % 2 == 0 ? "E_h" : "F_h", s / 2);
+  }
+
+  // The attention over projected rows: no causality, and rows made only of padding masked.
+  HeadContext projected_context(const HeadContext& ctx, Index n_k) const {
+    return HeadContext{ctx.sequence,
+                       ctx.head,
+                       ctx.query_offset,
+                       slots_.front()->visible_rows(n_k, ctx.key_length),
+                       0,
+                       false};
+  }
+
+  Config config_;
+  HeadLayout layout_;
+  FullAttention<S> attention_;
+  std::vector<std::shared_ptr<Proj>> slots_;
+  bool owns_shared_ = true;
+};
+
+namespace detail {
+
+/// Linformer cannot be causal: say so in its own words.
+template <class S, template <class> class Projection>
+struct MaskingCheck<LowRank<S, Projection>, Causal> {
+  static_assert(sizeof(S) == 0,
+                "effattn: LowRank (Linformer) cannot be causal: its projections E, F mix all "
+                "positions of the sequence, so every output would see future tokens. Use "
+                "effattn::Bidirectional, or FullAttention / Favor for causal attention.");
+};
+
+}  // namespace detail
+
+static_assert(AttentionPolicy<LowRank<float>>);
+static_assert(AttentionPolicy<LowRank<double, MeanPooling>>);
+static_assert(AttentionPolicy<LowRank<float, MaxPooling>>);
+static_assert(AttentionPolicy<LowRank<double, ConvProjection>>);
+
+}  // namespace effattn
