@@ -8,9 +8,27 @@
 
 #include "effattn/attention/favor.hpp"
 #include "effattn/attention/full_attention.hpp"
+#include "effattn/attention/low_rank.hpp"
 #include "effattn/core/rng.hpp"
 
 using namespace effattn;
+
+namespace {
+
+/// One head's inputs (standard normal, fixed seeds), its output and its gradients.
+template <class S>
+struct Head {
+  Head(Index n, Index d)
+      : q(n, d), k(n, d), v(n, d), out(n, d), d_out(n, d), dq(n, d), dk(n, d), dv(n, d) {
+    CounterRng(1).fill_normal(q);
+    CounterRng(2).fill_normal(k);
+    CounterRng(3).fill_normal(v);
+    CounterRng(4).fill_normal(d_out);
+  }
+  Matrix<S> q, k, v, out, d_out, dq, dk, dv;
+};
+
+}  // namespace
 
 TEMPLATE_TEST_CASE("FullAttention forward and backward allocate nothing once planned",
                    "[full][allocation]", float, double) {
@@ -19,24 +37,20 @@ TEMPLATE_TEST_CASE("FullAttention forward and backward allocate nothing once pla
   for (const Index d : {1, 16, 64, 96, 128, 256}) {
     CAPTURE(d);
     const Index n = 700;
-    Matrix<S> q(n, d), k(n, d), v(n, d), out(n, d), d_out(n, d), dq(n, d), dk(n, d), dv(n, d);
-    CounterRng(1).fill_normal(q);
-    CounterRng(2).fill_normal(k);
-    CounterRng(3).fill_normal(v);
-    CounterRng(4).fill_normal(d_out);
+    Head<S> h(n, d);
     auto saved = attn.make_saved(n, n);
     Workspace ws;
     ws.reserve(attn.scratch_bytes(n, n, d, d));
     for (const bool causal : {false, true}) {
       const HeadContext ctx{0, 0, 0, n - 7, 0, causal};
       Eigen::internal::set_is_malloc_allowed(false);
-      attn.forward(q, k, v, out, &saved, ctx, ws);
-      attn.backward(q, k, v, out, d_out, saved, dq, dk, dv, ctx, ws);
+      attn.forward(h.q, h.k, h.v, h.out, &saved, ctx, ws);
+      attn.backward(h.q, h.k, h.v, h.out, h.d_out, saved, h.dq, h.dk, h.dv, ctx, ws);
       Eigen::internal::set_is_malloc_allowed(true);
     }
     CHECK(ws.growths() == 0);
-    CHECK(out.allFinite());
-    CHECK(dq.allFinite());
+    CHECK(h.out.allFinite());
+    CHECK(h.dq.allFinite());
   }
 }
 
@@ -44,20 +58,51 @@ TEMPLATE_TEST_CASE("Favor forward and backward allocate nothing once planned",
                    "[favor][allocation]", PositiveSoftmaxFeatures, HyperbolicSoftmaxFeatures) {
   const Index n = 300, d = 64;
   const Favor<float, TestType> favor({}, HeadLayout{1, d, d, 1});  // m = 256, the default
-  Matrix<float> q(n, d), k(n, d), v(n, d), out(n, d), d_out(n, d), dq(n, d), dk(n, d), dv(n, d);
-  CounterRng(1).fill_normal(q);
-  CounterRng(2).fill_normal(k);
-  CounterRng(3).fill_normal(v);
-  CounterRng(4).fill_normal(d_out);
+  Head<float> h(n, d);
   Workspace ws;
   ws.reserve(favor.scratch_bytes(n, n, d, d));
   for (const bool causal : {false, true}) {
     const HeadContext ctx{0, 0, 0, n - 7, 0, causal};
     Eigen::internal::set_is_malloc_allowed(false);
-    favor.forward(q, k, v, out, nullptr, ctx, ws);
-    favor.backward(q, k, v, out, d_out, {}, dq, dk, dv, ctx, ws);
+    favor.forward(h.q, h.k, h.v, h.out, nullptr, ctx, ws);
+    favor.backward(h.q, h.k, h.v, h.out, h.d_out, {}, h.dq, h.dk, h.dv, ctx, ws);
     Eigen::internal::set_is_malloc_allowed(true);
   }
   CHECK(ws.growths() == 0);
-  CHECK(dk.allFinite());
+  CHECK(h.dk.allFinite());
+}
+
+template <template <class> class P>
+struct ProjectionKind {
+  using Policy = LowRank<float, P>;
+};
+
+TEMPLATE_TEST_CASE("LowRank forward and backward allocate nothing once planned",
+                   "[lowrank][allocation]", ProjectionKind<DenseProjection>,
+                   ProjectionKind<MeanPooling>, ProjectionKind<MaxPooling>,
+                   ProjectionKind<ConvProjection>) {
+  using Policy = typename TestType::Policy;
+  const Index n = 512, d = 64;
+  typename Policy::Config config{};
+  if constexpr (requires { config.projection.n_max; })
+    config.projection = {.k = 256, .n_max = n};
+  else
+    config.projection = {.kernel = 4};
+  Policy policy(config, HeadLayout{1, d, d, 1});
+  Head<float> h(n, d);
+  auto saved = policy.make_saved(n, n);
+  policy.visit_parameters([](auto, auto&, auto&) {});  // gradients exist from here on
+  Workspace ws;
+  ws.reserve(policy.scratch_bytes(n, n, d, d));
+  for (const Index valid : {n, n - 7}) {
+    const HeadContext ctx{0, 0, 0, valid, 0, false};
+    Eigen::internal::set_is_malloc_allowed(false);
+    policy.forward(h.q, h.k, h.v, h.out, &saved, ctx, ws);
+    policy.backward(h.q, h.k, h.v, h.out, h.d_out, saved, h.dq, h.dk, h.dv, ctx, ws);
+    policy.forward(h.q, h.k, h.v, h.out, nullptr, ctx, ws);
+    Eigen::internal::set_is_malloc_allowed(true);
+  }
+  CHECK(ws.growths() == 0);
+  CHECK(h.out.allFinite());
+  CHECK(h.dk.allFinite());
 }
