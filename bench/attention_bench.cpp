@@ -6,6 +6,7 @@
 #include <benchmark/benchmark.h>
 
 #include <string>
+#include <type_traits>
 
 #include "bench_common.hpp"
 
@@ -18,15 +19,6 @@ std::string bench_name(const char* kind, const char* policy, const Problem& p) {
   return std::string(kind) + "/" + policy + "/n:" + std::to_string(p.n) +
          "/h:" + std::to_string(p.heads) + "/d:" + std::to_string(p.d) +
          "/causal:" + (p.causal ? "1" : "0");
-}
-
-// The policy's own work: exact attention's for the exact policies, FAVOR+'s for Favor.
-template <class Policy>
-double policy_flops(const Problem& p) {
-  if constexpr (requires { Policy::Map::width; })
-    return favor_flops(p);
-  else
-    return exact_flops(p);
 }
 
 template <class Policy, class Masking>
@@ -63,11 +55,10 @@ void train(benchmark::State& state, Problem p) {
     benchmark::ClobberMemory();
   }
   // Exact: forward 4·n²·d, backward 10·n²·d (scores again, dV, dP, dQ, dK) per head.
-  // Favor: counted as three forwards.
-  const double per_call = requires {
-    Policy::Map::width;
-  }
-  ? 3.0 * policy_flops<Policy>(p) : 3.5 * exact_flops(p);
+  // Favor and LowRank: counted as three forwards.
+  const bool exact =
+      std::is_same_v<Policy, FullAttention<float>> || std::is_same_v<Policy, NaiveAttention<float>>;
+  const double per_call = exact ? 3.5 * exact_flops(p) : 3.0 * policy_flops<Policy>(p);
   state.counters["GFLOPs"] =
       benchmark::Counter(per_call * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
   state.counters["scratch_bytes"] = double(run.core.scratch_peak_bytes());
@@ -75,25 +66,30 @@ void train(benchmark::State& state, Problem p) {
   state.SetComplexityN(p.n);
 }
 
+// Registers attention/<policy>/… (forward) or attention_train/<policy>/… for one problem.
+template <class Policy>
+void add(const char* policy, const Problem& p, bool training) {
+  using Fn = void (*)(benchmark::State&, Problem);
+  Fn fn = training ? &train<Policy, Bidirectional> : &forward<Policy, Bidirectional>;
+  if constexpr (Policy::supports_causal)
+    if (p.causal) fn = training ? &train<Policy, Causal> : &forward<Policy, Causal>;
+  const std::string name = bench_name(training ? "attention_train" : "attention", policy, p);
+  benchmark::RegisterBenchmark(name.c_str(), fn, p)->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
 template <template <class> class Policy>
 void register_policy(const char* name, Index max_n, Index max_train_n) {
   for (const bool causal : {false, true})
     for (Index n = 256; n <= max_n; n *= 2) {
+      if (causal && !Policy<float>::supports_causal) continue;
       const Problem p{n, 8, 64, 1, causal};
-      auto* b = causal ? benchmark::RegisterBenchmark(bench_name("attention", name, p).c_str(),
-                                                      forward<Policy<float>, Causal>, p)
-                       : benchmark::RegisterBenchmark(bench_name("attention", name, p).c_str(),
-                                                      forward<Policy<float>, Bidirectional>, p);
-      b->UseRealTime()->Unit(benchmark::kMillisecond);
-      if (n > max_train_n) continue;
-      auto* t = causal
-                    ? benchmark::RegisterBenchmark(bench_name("attention_train", name, p).c_str(),
-                                                   train<Policy<float>, Causal>, p)
-                    : benchmark::RegisterBenchmark(bench_name("attention_train", name, p).c_str(),
-                                                   train<Policy<float>, Bidirectional>, p);
-      t->UseRealTime()->Unit(benchmark::kMillisecond);
+      add<Policy<float>>(name, p, false);
+      if (n <= max_train_n) add<Policy<float>>(name, p, true);
     }
 }
+
+template <class S>
+using LowRankMeanPooling = LowRank<S, MeanPooling>;
 
 }  // namespace
 
@@ -102,6 +98,8 @@ int main(int argc, char** argv) {
   register_policy<NaiveAttention>("naive", 8192, 4096);
   register_policy<FullAttention>("full", 16384, 8192);
   register_policy<Favor>("favor", 1 << 20, 65536);
+  register_policy<LowRank>("lowrank", 1 << 18, 65536);
+  register_policy<LowRankMeanPooling>("lowrank_meanpool", 1 << 20, 65536);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -2,9 +2,12 @@
 // What the benchmark binary and the policy comparison share: the problem setup, the
 // policies under test and how their work is counted.
 
+#include <algorithm>
 #include <cstdint>
 #include <fstream>
 #include <string>
+#include <string_view>
+#include <utility>
 
 #include <effattn/effattn.hpp>
 
@@ -50,12 +53,49 @@ inline double favor_flops(const Problem& p, Index features = 256) {
   return 8.0 * double(p.n) * double(features) * double(p.d) * double(p.heads) * p.batch;
 }
 
+/// Rows LowRank projects the keys and values to in every benchmark (Linformer's k).
+constexpr Index low_rank_k = 256;
+
+/// Linformer's work as the issue counts it: 8·n·k·d per head (E·K, F·V and the attention's
+/// two products over k rows). Pooling projections cost only O(n·d): 4·n·k·d.
+inline double low_rank_flops(const Problem& p, bool dense = true) {
+  const double k = double(std::min(low_rank_k, p.n));
+  return (dense ? 8.0 : 4.0) * double(p.n) * k * double(p.d) * double(p.heads) * p.batch;
+}
+
+/// The configuration every benchmark uses: the defaults, except LowRank's projection, which
+/// is sized for the problem: k = 256 rows of n_max = n (dense), or windows of n/256 tokens.
+template <class Policy>
+typename Policy::Config bench_config(const Problem& p) {
+  typename Policy::Config config{};
+  if constexpr (requires { typename Policy::Proj; }) {
+    if constexpr (requires { config.projection.n_max; })
+      config.projection = {.k = std::min(low_rank_k, p.n), .n_max = p.n};
+    else
+      config.projection = {.kernel = std::max<Index>(1, p.n / low_rank_k)};
+  }
+  return config;
+}
+
+/// The policy's own work per forward: exact attention's for the exact policies.
+template <class Policy>
+double policy_flops(const Problem& p) {
+  if constexpr (requires { Policy::Map::width; })
+    return favor_flops(p);
+  else if constexpr (requires { typename Policy::Proj; })
+    return low_rank_flops(p,
+                          Policy::Proj::learned && std::string_view(Policy::Proj::name) == "dense");
+  else
+    return exact_flops(p);
+}
+
 /// Runs one forward of `Policy` over the whole problem through AttentionCore.
 template <class Policy, class Masking>
 struct Runner {
   AttentionCore<Policy, Masking> core;
-  explicit Runner(const Problem& p, typename Policy::Config config = {})
-      : core(config, HeadLayout{p.heads, p.d, p.d, 1}) {}
+  explicit Runner(const Problem& p) : Runner(p, bench_config<Policy>(p)) {}
+  Runner(const Problem& p, typename Policy::Config config)
+      : core(std::move(config), HeadLayout{p.heads, p.d, p.d, 1}) {}
   void forward(Inputs& in, const Problem& p, bool keep_saved = false) {
     core.forward(in.q, in.k, in.v, in.out, p.shape(), p.shape(), keep_saved);
   }
