@@ -10,6 +10,7 @@
 #include <string_view>
 
 #include "effattn/core/error.hpp"
+#include "effattn/core/parallel.hpp"
 #include "effattn/core/product.hpp"
 #include "effattn/core/rng.hpp"
 #include "effattn/core/types.hpp"
@@ -31,15 +32,6 @@ namespace effattn {
 //   learned                     whether it has parameters (visit_parameters, zero_grad)
 
 namespace detail {
-
-/// A mutex that copies as a fresh mutex, so that objects guarding their gradient with one
-/// stay copyable.
-struct CopyableMutex {
-  CopyableMutex() = default;
-  CopyableMutex(const CopyableMutex&) {}
-  CopyableMutex& operator=(const CopyableMutex&) { return *this; }
-  std::mutex mutex;
-};
 
 /// The geometry the windowed projections share (window length = stride = kernel): n tokens
 /// give n/kernel rows; row i reads tokens i·kernel … i·kernel + kernel − 1.

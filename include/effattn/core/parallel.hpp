@@ -58,6 +58,15 @@ void parallel_for(Index count, int threads, Body&& body) {
 
 namespace detail {
 
+/// A mutex that copies as a fresh mutex, so that objects guarding a gradient or a cache with one
+/// stay copyable.
+struct CopyableMutex {
+  CopyableMutex() = default;
+  CopyableMutex(const CopyableMutex&) {}
+  CopyableMutex& operator=(const CopyableMutex&) { return *this; }
+  std::mutex mutex;
+};
+
 /// While alive, Eigen's matrix products on this thread run serially.
 /// Why: Eigen starts its own OpenMP team for a large-enough product whenever it is not
 /// already inside a team of two or more threads (it reads omp_get_max_threads()). Inside a
