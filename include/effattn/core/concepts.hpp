@@ -106,6 +106,16 @@ constexpr bool assert_attention_policy() {
   return true;
 }
 
+/// Whether a policy computes its keys from the queries (`static constexpr bool shared_qk`),
+/// as Reformer's LSH attention does; the multi-head block then has no key projection.
+template <class P>
+constexpr bool policy_shares_qk = [] {
+  if constexpr (requires { P::shared_qk; })
+    return bool(P::shared_qk);
+  else
+    return false;
+}();
+
 /// Whether a policy may run under this masking (Bidirectional or Causal). A policy header
 /// may specialise it to reject causal use in its own words (see attention/low_rank.hpp).
 template <class Policy, class Masking>

@@ -32,6 +32,9 @@ class MultiHeadAttention {
   using S = Scalar;
   using Core = AttentionCore<Policy, Masking>;
   static constexpr bool causal = Masking::causal;
+  /// Shared-QK (Reformer): the policy says so with `shared_qk = true`; then keys are the
+  /// queries (K = Q = X W_q + b_q), there is no w_k or b_k, and only self-attention exists.
+  static constexpr bool shared_qk = detail::policy_shares_qk<Policy>;
 
   struct Config {
     Index d_model = 512;
@@ -50,12 +53,12 @@ class MultiHeadAttention {
               HeadLayout{config_.heads, config_.d_head, config_.d_value, config_.seed}) {
     const Index dq = heads() * d_key(), dv = heads() * d_value();
     init_weight(wq_, d_model(), dq, 1);
-    init_weight(wk_, d_context(), dq, 2);
+    if (!shared_qk) init_weight(wk_, d_context(), dq, 2);
     init_weight(wv_, d_context(), dv, 3);
     init_weight(wo_, dv, d_model(), 4);
     if (config_.bias) {
       bq_.setZero(1, dq);
-      bk_.setZero(1, dq);
+      if (!shared_qk) bk_.setZero(1, dq);
       bv_.setZero(1, dv);
       bo_.setZero(1, d_model());
     }
@@ -88,6 +91,9 @@ class MultiHeadAttention {
   /// context [batch·n_k × d_context]; key padding from kv_shape.lengths.
   void forward(ConstView<S> x, ConstView<S> context, View<S> y, const SequenceShape& q_shape,
                const SequenceShape& kv_shape) {
+    static_assert(!shared_qk,
+                  "effattn: a shared-QK policy (LSHAttention) has no cross-attention: its keys "
+                  "are its queries. Call forward(x, y, shape).");
     run_forward(x, context, y, q_shape, kv_shape, false);
   }
 
@@ -100,6 +106,9 @@ class MultiHeadAttention {
   /// Backward of the last (training) cross-attention forward: writes dx and d_context.
   void backward(ConstView<S> x, ConstView<S> context, ConstView<S> dy, View<S> dx,
                 View<S> d_context, const SequenceShape& q_shape, const SequenceShape& kv_shape) {
+    static_assert(!shared_qk,
+                  "effattn: a shared-QK policy (LSHAttention) has no cross-attention: its keys "
+                  "are its queries. Call backward(x, dy, dx, shape).");
     run_backward(x, context, dy, dx, d_context, q_shape, kv_shape, false);
   }
 
@@ -108,12 +117,12 @@ class MultiHeadAttention {
   template <class F>
   void visit_parameters(F&& f) {
     f(std::string_view("w_q"), wq_, gwq_);
-    f(std::string_view("w_k"), wk_, gwk_);
+    if (!shared_qk) f(std::string_view("w_k"), wk_, gwk_);
     f(std::string_view("w_v"), wv_, gwv_);
     f(std::string_view("w_o"), wo_, gwo_);
     if (config_.bias) {
       f(std::string_view("b_q"), bq_, gbq_);
-      f(std::string_view("b_k"), bk_, gbk_);
+      if (!shared_qk) f(std::string_view("b_k"), bk_, gbk_);
       f(std::string_view("b_v"), bv_, gbv_);
       f(std::string_view("b_o"), bo_, gbo_);
     }
@@ -204,10 +213,10 @@ class MultiHeadAttention {
     // training forward intact for its backward.
     policy().validate(q_shape.seq, kv_shape.seq, d_key(), d_value(), causal);
     project(x, wq_, bq_, q_);
-    project(context, wk_, bk_, k_);
+    if (!shared_qk) project(context, wk_, bk_, k_);
     project(context, wv_, bv_, v_);
     a_.resize(x.rows(), heads() * d_value());
-    core_.forward(q_, k_, v_, a_, q_shape, kv_shape, training_);
+    core_.forward(q_, shared_qk ? q_ : k_, v_, a_, q_shape, kv_shape, training_);
     y.noalias() = a_ * wo_;
     if (config_.bias) y.rowwise() += bo_.row(0);
     last_self_ = self;
@@ -231,20 +240,24 @@ class MultiHeadAttention {
     da_.resize(a_.rows(), a_.cols());
     da_.noalias() = dy * wo_.transpose();
     dq_.resize(q_.rows(), q_.cols());
-    dk_.resize(k_.rows(), k_.cols());
+    const Matrix<S>& keys = shared_qk ? q_ : k_;
+    dk_.resize(keys.rows(), keys.cols());
     dv_.resize(v_.rows(), v_.cols());
-    core_.backward(q_, k_, v_, a_, da_, dq_, dk_, dv_, q_shape, kv_shape);
+    core_.backward(q_, keys, v_, a_, da_, dq_, dk_, dv_, q_shape, kv_shape);
+    if (shared_qk) dq_ += dk_;  // the queries were the keys too
 
     add_projection_grads(a_, dy, gwo_, gbo_);
     add_projection_grads(x, dq_, gwq_, gbq_);
-    add_projection_grads(context, dk_, gwk_, gbk_);
+    if (!shared_qk) add_projection_grads(context, dk_, gwk_, gbk_);
     add_projection_grads(context, dv_, gwv_, gbv_);
     dx.noalias() = dq_ * wq_.transpose();
     View<S> dc = self ? dx : d_context;  // keys and values came from x or from the context
-    if (!self)
-      dc.noalias() = dk_ * wk_.transpose();
-    else
-      dc.noalias() += dk_ * wk_.transpose();
+    if (!shared_qk) {
+      if (!self)
+        dc.noalias() = dk_ * wk_.transpose();
+      else
+        dc.noalias() += dk_ * wk_.transpose();
+    }
     dc.noalias() += dv_ * wv_.transpose();
   }
 
