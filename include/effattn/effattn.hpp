@@ -15,6 +15,7 @@
 #include "effattn/attention/feature_maps.hpp"
 #include "effattn/attention/full_attention.hpp"
 #include "effattn/attention/low_rank.hpp"
+#include "effattn/attention/lsh.hpp"
 #include "effattn/attention/random_features.hpp"
 #include "effattn/attention/sequence_projections.hpp"
 
