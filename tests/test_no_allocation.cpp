@@ -9,6 +9,7 @@
 #include "effattn/attention/favor.hpp"
 #include "effattn/attention/full_attention.hpp"
 #include "effattn/attention/low_rank.hpp"
+#include "effattn/attention/lsh.hpp"
 #include "effattn/core/rng.hpp"
 
 using namespace effattn;
@@ -105,4 +106,26 @@ TEMPLATE_TEST_CASE("LowRank forward and backward allocate nothing once planned",
   CHECK(ws.growths() == 0);
   CHECK(h.out.allFinite());
   CHECK(h.dk.allFinite());
+}
+
+TEST_CASE("LSHAttention forward and backward allocate nothing once planned", "[lsh][allocation]") {
+  const Index n = 700, d = 64;
+  for (const bool dedup : {false, true}) {
+    const LSHAttention<float> lsh({.dedup = dedup}, HeadLayout{1, d, d, 1});  // c = 64, 4 rounds
+    Head<float> h(n, d);
+    auto saved = lsh.make_saved(n, n);
+    Workspace ws;
+    ws.reserve(lsh.scratch_bytes(n, n, d, d));
+    for (const bool causal : {false, true}) {
+      const HeadContext ctx{0, 0, 0, n - 7, 0, causal};
+      lsh.forward(h.q, h.q, h.v, h.out, nullptr, ctx, ws);  // draws the rotations once
+      Eigen::internal::set_is_malloc_allowed(false);
+      lsh.forward(h.q, h.q, h.v, h.out, &saved, ctx, ws);
+      lsh.backward(h.q, h.q, h.v, h.out, h.d_out, saved, h.dq, h.dk, h.dv, ctx, ws);
+      Eigen::internal::set_is_malloc_allowed(true);
+    }
+    CHECK(ws.growths() == 0);
+    CHECK(h.out.allFinite());
+    CHECK(h.dq.allFinite());
+  }
 }
