@@ -1,8 +1,9 @@
 // Google Benchmark: every attention policy against the naive materialising reference,
 // in one binary and one run. Names: attention/<policy>/n:<n>/h:<h>/d:<d>/causal:<0|1>
 // (forward) and attention_train/<policy>/… (forward + backward).
-// Counters: GFLOPs (the policy's own work per second), tokens_per_s, scratch_bytes
-// (peak workspace of all threads), saved_bytes (what forward keeps for backward).
+// Counters: GFLOPs (the policy's own work per second; LSH: the work its buckets gave),
+// tokens_per_s, scratch_bytes (peak workspace of all threads), saved_bytes (what forward keeps for
+// backward).
 #include <benchmark/benchmark.h>
 
 #include <string>
@@ -27,6 +28,7 @@ void forward(benchmark::State& state, Problem p) {
   Runner<Policy, Masking> run(p);
   run.forward(in, p);  // sizes the workspaces
   run.core.reset_peak();
+  run.reset_work();
   for (auto _ : state) {
     run.forward(in, p);
     benchmark::DoNotOptimize(in.out.data());
@@ -34,7 +36,7 @@ void forward(benchmark::State& state, Problem p) {
   }
   const double iterations = double(state.iterations());
   state.counters["GFLOPs"] =
-      benchmark::Counter(policy_flops<Policy>(p) * iterations / 1e9, benchmark::Counter::kIsRate);
+      benchmark::Counter(run.flops(p, iterations) / 1e9, benchmark::Counter::kIsRate);
   state.counters["tokens_per_s"] =
       benchmark::Counter(double(p.tokens()) * iterations, benchmark::Counter::kIsRate);
   state.counters["scratch_bytes"] = double(run.core.scratch_peak_bytes());
@@ -48,19 +50,20 @@ void train(benchmark::State& state, Problem p) {
   Runner<Policy, Masking> run(p);
   run.forward(in, p, true);
   run.core.reset_peak();
+  run.reset_work();
   for (auto _ : state) {
     run.forward(in, p, true);
-    run.core.backward(in.q, in.k, in.v, in.out, d_out, dq, dk, dv, p.shape(), p.shape());
+    run.core.backward(in.q, run.keys(in), in.v, in.out, d_out, dq, dk, dv, p.shape(), p.shape());
     benchmark::DoNotOptimize(dq.data());
     benchmark::ClobberMemory();
   }
   // Exact: forward 4·n²·d, backward 10·n²·d (scores again, dV, dP, dQ, dK) per head.
-  // Favor and LowRank: counted as three forwards.
+  // Favor, LowRank and LSH: counted as three forwards.
   const bool exact =
       std::is_same_v<Policy, FullAttention<float>> || std::is_same_v<Policy, NaiveAttention<float>>;
-  const double per_call = exact ? 3.5 * exact_flops(p) : 3.0 * policy_flops<Policy>(p);
-  state.counters["GFLOPs"] =
-      benchmark::Counter(per_call * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+  const double calls = double(state.iterations());
+  const double work = exact ? 3.5 * exact_flops(p) * calls : 3.0 * run.flops(p, calls);
+  state.counters["GFLOPs"] = benchmark::Counter(work / 1e9, benchmark::Counter::kIsRate);
   state.counters["scratch_bytes"] = double(run.core.scratch_peak_bytes());
   state.counters["saved_bytes"] = double(run.core.saved_bytes());
   state.SetComplexityN(p.n);
@@ -100,6 +103,7 @@ int main(int argc, char** argv) {
   register_policy<Favor>("favor", 1 << 20, 65536);
   register_policy<LowRank>("lowrank", 1 << 18, 65536);
   register_policy<LowRankMeanPooling>("lowrank_meanpool", 1 << 20, 65536);
+  register_policy<LSHAttention>("lsh", 1 << 20, 65536);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

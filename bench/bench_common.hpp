@@ -96,8 +96,23 @@ struct Runner {
   explicit Runner(const Problem& p) : Runner(p, bench_config<Policy>(p)) {}
   Runner(const Problem& p, typename Policy::Config config)
       : core(std::move(config), HeadLayout{p.heads, p.d, p.d, 1}) {}
+  /// The keys: the queries themselves for a shared-QK policy (LSHAttention), as in its block.
+  static const Matrix<float>& keys(const Inputs& in) {
+    return detail::policy_shares_qk<Policy> ? in.q : in.k;
+  }
   void forward(Inputs& in, const Problem& p, bool keep_saved = false) {
-    core.forward(in.q, in.k, in.v, in.out, p.shape(), p.shape(), keep_saved);
+    core.forward(in.q, keys(in), in.v, in.out, p.shape(), p.shape(), keep_saved);
+  }
+  /// Work of the forwards since reset_work(): the policy's own count where it keeps one
+  /// (LSHAttention's work depends on its buckets), else `calls` times policy_flops.
+  void reset_work() {
+    if constexpr (requires { core.policy().reset_work(); }) core.policy().reset_work();
+  }
+  double flops(const Problem& p, double calls) const {
+    if constexpr (requires { core.policy().work(); })
+      return core.policy().work().flops(p.d, p.d);
+    else
+      return calls * policy_flops<Policy>(p);
   }
 };
 
