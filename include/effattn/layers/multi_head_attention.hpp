@@ -5,10 +5,12 @@
 #include <cstdint>
 #include <string_view>
 
+#include "effattn/core/activations.hpp"
 #include "effattn/core/error.hpp"
 #include "effattn/core/head.hpp"
 #include "effattn/core/rng.hpp"
 #include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
 #include "effattn/layers/attention_core.hpp"
 
 namespace effattn {
@@ -24,7 +26,10 @@ namespace effattn {
 /// as Causal. Weights are N(0, 1/fan_in) from the seed, biases 0. Training: after
 /// `set_training(true)`, forward keeps Q, K, V, the merged heads and the policy's Saved
 /// state (O(T·H·(d_k + d_v)) plus the policy's own, see activation_bytes), and backward
-/// then writes the input gradient and adds to every parameter's gradient.
+/// then writes the input gradient and adds to every parameter's gradient. When not
+/// training, those buffers come from the calling thread's layer_workspace() and nothing
+/// outlives the call, so a deep stack of blocks does not keep one set per block.
+/// It is a Layer (layers/layer.hpp) that mixes positions: d_in = d_out = d_model.
 template <class Policy, class Masking = Bidirectional>
 class MultiHeadAttention {
  public:
@@ -35,6 +40,7 @@ class MultiHeadAttention {
   /// Shared-QK (Reformer): the policy says so with `shared_qk = true`; then keys are the
   /// queries (K = Q = X W_q + b_q), there is no w_k or b_k, and only self-attention exists.
   static constexpr bool shared_qk = detail::policy_shares_qk<Policy>;
+  static constexpr bool position_wise = false;  ///< attention mixes positions
 
   struct Config {
     Index d_model = 512;
@@ -66,6 +72,8 @@ class MultiHeadAttention {
   }
 
   Index d_model() const { return config_.d_model; }
+  Index d_in() const { return config_.d_model; }
+  Index d_out() const { return config_.d_model; }
   Index d_context() const { return config_.d_context; }
   Index heads() const { return config_.heads; }
   Index d_key() const { return config_.d_head; }
@@ -78,7 +86,14 @@ class MultiHeadAttention {
   /// Whether forward keeps what backward needs.
   void set_training(bool on) {
     training_ = on;
-    if (!on) core_.release_saved();
+    if (!on) release_activations();
+  }
+  /// Frees what the last training forward kept (backward then needs a new forward).
+  void release_activations() {
+    for (Matrix<S>* m : {&q_, &k_, &v_, &a_})
+      m->resize(0, 0);
+    core_.release_saved();
+    held_.set(0);
   }
   bool training() const { return training_; }
 
@@ -199,10 +214,16 @@ class MultiHeadAttention {
                     detail::concat("the query batch, ", q_shape.batch));
   }
 
-  static void project(ConstView<S> in, const Matrix<S>& w, const Matrix<S>& b, Matrix<S>& out) {
-    out.resize(in.rows(), w.cols());
+  static void project(ConstView<S> in, const Matrix<S>& w, const Matrix<S>& b, View<S> out) {
     out.noalias() = in * w;
     if (b.size() > 0) out.rowwise() += b.row(0);
+  }
+
+  // A training forward's buffer is a member kept for backward; otherwise it is scratch.
+  View<S> buffer(Matrix<S>& member, Workspace& ws, Index rows, Index cols) const {
+    if (!training_) return ws.matrix<S>(rows, cols);
+    member.resize(rows, cols);
+    return member;
   }
 
   void run_forward(ConstView<S> x, ConstView<S> context, View<S> y, const SequenceShape& q_shape,
@@ -212,14 +233,21 @@ class MultiHeadAttention {
     // Every check before the first write: a rejected call must leave the state of the last
     // training forward intact for its backward.
     policy().validate(q_shape.seq, kv_shape.seq, d_key(), d_value(), causal);
-    project(x, wq_, bq_, q_);
-    if (!shared_qk) project(context, wk_, bk_, k_);
-    project(context, wv_, bv_, v_);
-    a_.resize(x.rows(), heads() * d_value());
-    core_.forward(q_, shared_qk ? q_ : k_, v_, a_, q_shape, kv_shape, training_);
-    y.noalias() = a_ * wo_;
+    Workspace& ws = layer_workspace();
+    const Workspace::Frame frame(ws);
+    const Index dq = heads() * d_key(), dv = heads() * d_value();
+    View<S> q = buffer(q_, ws, x.rows(), dq);
+    View<S> k = shared_qk ? q : buffer(k_, ws, context.rows(), dq);
+    View<S> v = buffer(v_, ws, context.rows(), dv);
+    View<S> a = buffer(a_, ws, x.rows(), dv);
+    project(x, wq_, bq_, q);
+    if (!shared_qk) project(context, wk_, bk_, k);
+    project(context, wv_, bv_, v);
+    core_.forward(q, k, v, a, q_shape, kv_shape, training_);
+    y.noalias() = a * wo_;
     if (config_.bias) y.rowwise() += bo_.row(0);
     last_self_ = self;
+    held_.set(training_ ? activation_bytes() : 0);
   }
 
   void run_backward(ConstView<S> x, ConstView<S> context, ConstView<S> dy, View<S> dx,
@@ -237,28 +265,30 @@ class MultiHeadAttention {
     check_size(dx, x.rows(), d_model(), "dx");
     if (!self) check_size(d_context, context.rows(), config_.d_context, "d_context");
 
-    da_.resize(a_.rows(), a_.cols());
-    da_.noalias() = dy * wo_.transpose();
-    dq_.resize(q_.rows(), q_.cols());
+    Workspace& ws = layer_workspace();
+    const Workspace::Frame frame(ws);
     const Matrix<S>& keys = shared_qk ? q_ : k_;
-    dk_.resize(keys.rows(), keys.cols());
-    dv_.resize(v_.rows(), v_.cols());
-    core_.backward(q_, keys, v_, a_, da_, dq_, dk_, dv_, q_shape, kv_shape);
-    if (shared_qk) dq_ += dk_;  // the queries were the keys too
+    auto da = ws.matrix<S>(a_.rows(), a_.cols());
+    auto dq = ws.matrix<S>(q_.rows(), q_.cols());
+    auto dk = ws.matrix<S>(keys.rows(), keys.cols());
+    auto dv = ws.matrix<S>(v_.rows(), v_.cols());
+    da.noalias() = dy * wo_.transpose();
+    core_.backward(q_, keys, v_, a_, da, dq, dk, dv, q_shape, kv_shape);
+    if (shared_qk) dq += dk;  // the queries were the keys too
 
     add_projection_grads(a_, dy, gwo_, gbo_);
-    add_projection_grads(x, dq_, gwq_, gbq_);
-    if (!shared_qk) add_projection_grads(context, dk_, gwk_, gbk_);
-    add_projection_grads(context, dv_, gwv_, gbv_);
-    dx.noalias() = dq_ * wq_.transpose();
+    add_projection_grads(x, dq, gwq_, gbq_);
+    if (!shared_qk) add_projection_grads(context, dk, gwk_, gbk_);
+    add_projection_grads(context, dv, gwv_, gbv_);
+    dx.noalias() = dq * wq_.transpose();
     View<S> dc = self ? dx : d_context;  // keys and values came from x or from the context
     if (!shared_qk) {
       if (!self)
-        dc.noalias() = dk_ * wk_.transpose();
+        dc.noalias() = dk * wk_.transpose();
       else
-        dc.noalias() += dk_ * wk_.transpose();
+        dc.noalias() += dk * wk_.transpose();
     }
-    dc.noalias() += dv_ * wv_.transpose();
+    dc.noalias() += dv * wv_.transpose();
   }
 
   void add_projection_grads(ConstView<S> in, ConstView<S> d_out, Matrix<S>& gw,
@@ -271,7 +301,8 @@ class MultiHeadAttention {
   Core core_;
   Matrix<S> wq_, wk_, wv_, wo_, bq_, bk_, bv_, bo_;
   Matrix<S> gwq_, gwk_, gwv_, gwo_, gbq_, gbk_, gbv_, gbo_;
-  Matrix<S> q_, k_, v_, a_, da_, dq_, dk_, dv_;
+  Matrix<S> q_, k_, v_, a_;  // kept by a training forward for backward
+  HeldActivations held_;
   bool training_ = false;
   bool last_self_ = true;
 };
