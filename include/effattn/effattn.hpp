@@ -1,6 +1,7 @@
 #pragma once
 // effattn: efficient attention kernels on Eigen. Include this one header.
 
+#include "effattn/core/activations.hpp"
 #include "effattn/core/concepts.hpp"
 #include "effattn/core/error.hpp"
 #include "effattn/core/head.hpp"
@@ -20,4 +21,11 @@
 #include "effattn/attention/sequence_projections.hpp"
 
 #include "effattn/layers/attention_core.hpp"
+#include "effattn/layers/chunked.hpp"
+#include "effattn/layers/feed_forward.hpp"
+#include "effattn/layers/layer.hpp"
+#include "effattn/layers/layer_norm.hpp"
 #include "effattn/layers/multi_head_attention.hpp"
+#include "effattn/layers/residual.hpp"
+#include "effattn/layers/reversible.hpp"
+#include "effattn/layers/stack.hpp"

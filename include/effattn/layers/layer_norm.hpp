@@ -1,0 +1,109 @@
+#pragma once
+// LayerNorm over the features of each token.
+
+#include <cmath>
+#include <cstddef>
+#include <string_view>
+
+#include "effattn/core/activations.hpp"
+#include "effattn/core/error.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/layers/layer.hpp"
+
+namespace effattn {
+
+/// y = (x − mean(x)) / sqrt(var(x) + eps) · gamma + beta, per token (row), with the biased
+/// variance (as PyTorch's LayerNorm). gamma starts at 1 and beta at 0. A training forward
+/// keeps each row's mean and 1/σ (2 scalars per token); backward recomputes x̂ from x.
+template <class S = float>
+class LayerNorm {
+ public:
+  using Scalar = S;
+  static constexpr bool position_wise = true;
+
+  struct Config {
+    Index width = 512;
+    double eps = 1e-5;
+  };
+
+  explicit LayerNorm(Config config) : config_(config) {
+    detail::require(config.width > 0, "LayerNorm", "width", config.width, "at least 1");
+    detail::require(config.eps >= 0, "LayerNorm", "eps", config.eps, "a value ≥ 0");
+    gamma_.setOnes(1, config.width);
+    beta_.setZero(1, config.width);
+    zero_grad();
+  }
+
+  Index d_in() const { return config_.width; }
+  Index d_out() const { return config_.width; }
+  const Config& config() const { return config_; }
+
+  void set_training(bool on) {
+    training_ = on;
+    if (!on) release_activations();
+  }
+  bool training() const { return training_; }
+  void release_activations() {
+    mean_.resize(0, 0);
+    inv_std_.resize(0, 0);
+    held_.set(0);
+  }
+  std::size_t activation_bytes() const {
+    return sizeof(S) * static_cast<std::size_t>(mean_.size() + inv_std_.size());
+  }
+
+  void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
+    detail::require_call("LayerNorm", x, d_in(), "y", y, d_out(), shape);
+    if (training_) {
+      mean_.resize(x.rows(), 1);
+      inv_std_.resize(x.rows(), 1);
+    }
+    for (Index t = 0; t < x.rows(); ++t) {
+      const S mean = x.row(t).mean();
+      const S inv_std =
+          S(1) / std::sqrt((x.row(t).array() - mean).square().mean() + S(config_.eps));
+      y.row(t) =
+          ((x.row(t).array() - mean) * inv_std * gamma_.row(0).array() + beta_.row(0).array())
+              .matrix();
+      if (training_) {
+        mean_(t, 0) = mean;
+        inv_std_(t, 0) = inv_std;
+      }
+    }
+    held_.set(activation_bytes());
+  }
+
+  /// dx = (1/σ)(g − mean(g) − x̂·mean(g ⊙ x̂)) with g = dy ⊙ gamma.
+  void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
+    detail::require_forward(training_ && mean_.rows() == x.rows(), "LayerNorm");
+    detail::require_call("LayerNorm", x, d_in(), "dx", dx, d_in(), shape);
+    detail::require_matrix("LayerNorm", "dy", dy, x.rows(), d_out());
+    for (Index t = 0; t < x.rows(); ++t) {
+      const auto x_hat = (x.row(t).array() - mean_(t, 0)) * inv_std_(t, 0);
+      const auto g = dy.row(t).array() * gamma_.row(0).array();
+      g_gamma_.row(0).array() += dy.row(t).array() * x_hat;
+      g_beta_.row(0) += dy.row(t);
+      const S g_mean = g.mean(), gx_mean = (g * x_hat).mean();
+      dx.row(t) = (inv_std_(t, 0) * (g - g_mean - x_hat * gx_mean)).matrix();
+    }
+  }
+
+  template <class F>
+  void visit_parameters(F&& f) {
+    f(std::string_view("gamma"), gamma_, g_gamma_);
+    f(std::string_view("beta"), beta_, g_beta_);
+  }
+  void zero_grad() {
+    g_gamma_.setZero(1, config_.width);
+    g_beta_.setZero(1, config_.width);
+  }
+
+ private:
+  Config config_;
+  Matrix<S> gamma_, beta_, g_gamma_, g_beta_;
+  Matrix<S> mean_, inv_std_;  // tokens × 1, kept by a training forward
+  HeldActivations held_;
+  bool training_ = false;
+};
+
+}  // namespace effattn

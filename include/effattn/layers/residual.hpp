@@ -1,0 +1,137 @@
+#pragma once
+// Residual<F> (x + F(x)) and PreNorm<F> (F(LayerNorm(x))): the two halves of a
+// transformer sub-layer, written as wrappers so they compose at compile time.
+
+#include <cstddef>
+#include <cstdint>
+
+#include "effattn/core/activations.hpp"
+#include "effattn/core/error.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+#include "effattn/layers/layer.hpp"
+#include "effattn/layers/layer_norm.hpp"
+
+namespace effattn {
+
+/// y = x + F(x). F must map d columns to d columns (checked when built).
+template <class F>
+class Residual : public detail::Wrapper<F> {
+  static_assert(detail::assert_layer<F>(), "Residual<F>: F must be a layer");
+
+ public:
+  using Scalar = typename F::Scalar;
+  using S = Scalar;
+  static constexpr bool position_wise = F::position_wise;
+
+  struct Config {
+    typename F::Config fn{};
+    Config reseeded(std::uint64_t salt) const { return {detail::reseed(fn, salt)}; }
+  };
+
+  explicit Residual(Config config) : detail::Wrapper<F>(config.fn) {
+    detail::require(fn_.d_in() == fn_.d_out(), "Residual", "fn",
+                    detail::concat("a layer from ", fn_.d_in(), " to ", fn_.d_out(), " columns"),
+                    "a layer whose output is as wide as its input");
+  }
+
+  Index d_in() const { return fn_.d_in(); }
+  Index d_out() const { return fn_.d_in(); }
+  void set_training(bool on) { fn_.set_training(on); }
+
+  void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
+    detail::require_call("Residual", x, d_in(), "y", y, d_out(), shape);
+    fn_.forward(x, y, shape);
+    y += x;
+  }
+  void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
+    fn_.backward(x, dy, dx, shape);
+    dx += dy;
+  }
+  template <class V>
+  void visit_parameters(V&& f) {
+    detail::visit_prefixed(fn_, "fn", f);
+  }
+
+ private:
+  using detail::Wrapper<F>::fn_;
+};
+
+/// y = F(LayerNorm(x)), the pre-norm arrangement (Reformer, GPT-2): the norm has F's input
+/// width. A training forward keeps LayerNorm(x) as F's input for backward.
+template <class F>
+class PreNorm : public detail::Wrapper<F> {
+  static_assert(detail::assert_layer<F>(), "PreNorm<F>: F must be a layer");
+
+ public:
+  using Scalar = typename F::Scalar;
+  using S = Scalar;
+  static constexpr bool position_wise = F::position_wise;
+
+  struct Config {
+    typename F::Config fn{};
+    double eps = 1e-5;  ///< the norm's
+    Config reseeded(std::uint64_t salt) const { return {detail::reseed(fn, salt), eps}; }
+  };
+
+  explicit PreNorm(Config config)
+      : detail::Wrapper<F>(config.fn), norm_({.width = fn_.d_in(), .eps = config.eps}) {}
+
+  Index d_in() const { return fn_.d_in(); }
+  Index d_out() const { return fn_.d_out(); }
+  LayerNorm<S>& norm() { return norm_; }
+
+  void set_training(bool on) {
+    training_ = on;
+    norm_.set_training(on);
+    fn_.set_training(on);
+    if (!on) release_activations();
+  }
+  void release_activations() {
+    z_.resize(0, 0);
+    held_.set(0);
+    norm_.release_activations();
+    fn_.release_activations();
+  }
+  std::size_t activation_bytes() const {
+    return sizeof(S) * static_cast<std::size_t>(z_.size()) + norm_.activation_bytes() +
+           fn_.activation_bytes();
+  }
+  void zero_grad() {
+    norm_.zero_grad();
+    fn_.zero_grad();
+  }
+
+  void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
+    detail::require_call("PreNorm", x, d_in(), "y", y, d_out(), shape);
+    Workspace& ws = layer_workspace();
+    const Workspace::Frame frame(ws);
+    View<S> z = training_ ? (z_.resize(x.rows(), d_in()), View<S>(z_))
+                          : View<S>(ws.matrix<S>(x.rows(), d_in()));
+    norm_.forward(x, z, shape);
+    fn_.forward(z, y, shape);
+    held_.set(sizeof(S) * static_cast<std::size_t>(z_.size()));
+  }
+  void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
+    detail::require_forward(training_ && z_.rows() == x.rows(), "PreNorm");
+    Workspace& ws = layer_workspace();
+    const Workspace::Frame frame(ws);
+    auto dz = ws.matrix<S>(x.rows(), d_in());
+    fn_.backward(z_, dy, dz, shape);
+    norm_.backward(x, dz, dx, shape);
+  }
+  template <class V>
+  void visit_parameters(V&& f) {
+    detail::visit_prefixed(norm_, "norm", f);
+    detail::visit_prefixed(fn_, "fn", f);
+  }
+
+ private:
+  using detail::Wrapper<F>::fn_;
+  LayerNorm<S> norm_;
+  Matrix<S> z_;  // LayerNorm(x), kept by a training forward
+  HeldActivations held_;
+  bool training_ = false;
+};
+
+}  // namespace effattn

@@ -1,0 +1,339 @@
+#pragma once
+// Stacks of layers: Repeat<Block, N> (N copies, or a depth chosen at run time) and
+// Sequential<Blocks...> (different layers in order).
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "effattn/core/activations.hpp"
+#include "effattn/core/error.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+#include "effattn/layers/layer.hpp"
+
+namespace effattn {
+namespace detail {
+
+/// What Repeat and Sequential share. The derived stack provides count(), visit(i, f) and
+/// `static constexpr bool reversible` (every block is a ReversibleLayer).
+///
+/// Training, ordinary stack: every block trains and keeps what its backward needs, and the
+/// stack keeps each block's input (activation_bytes says how much: it grows with depth).
+/// Backward walks down, releasing each block's activations as soon as they are used.
+/// Training, reversible stack: blocks keep nothing; the stack keeps its output only, and
+/// backward rebuilds each block's input from its output (Reversible::backward_from_output),
+/// so activation memory does not depend on depth.
+template <class Derived, class S>
+class StackOps {
+ public:
+  using Scalar = S;
+
+  Index d_in() const { return width_in(0); }
+  Index d_out() const { return width_out(self().count() - 1); }
+
+  void set_training(bool on) {
+    training_ = on;
+    if (!Derived::reversible) for_each([&](auto& b) { b.set_training(on); });
+    if (!on) release_activations();
+  }
+  bool training() const { return training_; }
+  void release_activations() {
+    inputs_.clear();
+    top_.resize(0, 0);
+    held_.set(0);
+    for_each([](auto& b) { b.release_activations(); });
+  }
+  std::size_t activation_bytes() const {
+    std::size_t bytes = held_.bytes();
+    for_each([&](const auto& b) { bytes += b.activation_bytes(); });
+    return bytes;
+  }
+  void zero_grad() {
+    for_each([](auto& b) { b.zero_grad(); });
+  }
+  template <class F>
+  void visit_parameters(F&& f) {
+    for (Index i = 0; i < self().count(); ++i)
+      self().visit(i, [&](auto& b) { visit_prefixed(b, std::to_string(i), f); });
+  }
+
+  void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
+    require_call(Derived::name, x, d_in(), "y", y, d_out(), shape);
+    const Index n = self().count();
+    if (training_ && !Derived::reversible) {  // keep every block's input
+      inputs_.resize(static_cast<std::size_t>(n - 1));
+      for (Index i = 0; i < n; ++i) {
+        if (i + 1 < n) inputs_[i].resize(x.rows(), width_out(i));
+        ConstView<S> in = i == 0 ? x : ConstView<S>(inputs_[i - 1]);
+        View<S> out = i + 1 == n ? y : View<S>(inputs_[i]);
+        self().visit(i, [&](auto& b) { b.forward(in, out, shape); });
+        held_.set(kept_bytes());
+      }
+      return;
+    }
+    Workspace& ws = layer_workspace();
+    const Workspace::Frame frame(ws);
+    auto a = ws.matrix<S>(x.rows(), widest()), b = ws.matrix<S>(x.rows(), widest());
+    for (Index i = 0; i < n; ++i) {
+      ConstView<S> in = i == 0 ? x : ConstView<S>(((i % 2) ? a : b).leftCols(width_in(i)));
+      View<S> out = i + 1 == n ? y : View<S>(((i % 2) ? b : a).leftCols(width_out(i)));
+      self().visit(i, [&](auto& blk) { blk.forward(in, out, shape); });
+    }
+    if (training_) {  // reversible: the output is all backward needs
+      top_ = y;
+      held_.set(kept_bytes());
+    }
+  }
+
+  void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
+    const bool kept = Derived::reversible ? top_.rows() == x.rows()
+                                          : inputs_.size() + 1 == std::size_t(self().count());
+    require_forward(training_ && kept, Derived::name);
+    require_call(Derived::name, x, d_in(), "dx", dx, d_in(), shape);
+    require_matrix(Derived::name, "dy", dy, x.rows(), d_out());
+    if constexpr (Derived::reversible) {
+      Workspace& ws = layer_workspace();
+      const Workspace::Frame frame(ws);
+      auto rebuilt = ws.matrix<S>(x.rows(), d_in());
+      walk_down(top_, dy, rebuilt, dx, shape);
+      return;
+    } else {
+      Workspace& ws = layer_workspace();
+      const Workspace::Frame frame(ws);
+      auto a = ws.matrix<S>(x.rows(), widest()), b = ws.matrix<S>(x.rows(), widest());
+      for (Index i = self().count() - 1; i >= 0; --i) {
+        ConstView<S> in = i == 0 ? x : ConstView<S>(inputs_[i - 1]);
+        ConstView<S> d_out =
+            i + 1 == self().count() ? dy : ConstView<S>(((i % 2) ? a : b).leftCols(width_out(i)));
+        View<S> d_in = i == 0 ? dx : View<S>(((i % 2) ? b : a).leftCols(width_in(i)));
+        self().visit(i, [&](auto& blk) {
+          blk.backward(in, d_out, d_in, shape);
+          blk.release_activations();
+        });
+        if (i > 0) inputs_[i - 1].resize(0, 0);
+        held_.set(kept_bytes());
+      }
+      inputs_.clear();
+    }
+  }
+
+  /// Reversible stacks: x = the input whose forward is y.
+  void inverse(ConstView<S> y, View<S> x, const SequenceShape& shape) {
+    static_assert(Derived::reversible, "effattn: inverse needs a stack of reversible blocks");
+    require_call(Derived::name, y, d_out(), "x", x, d_in(), shape);
+    Workspace& ws = layer_workspace();
+    const Workspace::Frame frame(ws);
+    auto a = ws.matrix<S>(y.rows(), widest()), b = ws.matrix<S>(y.rows(), widest());
+    for (Index i = self().count() - 1; i >= 0; --i) {
+      ConstView<S> out =
+          i + 1 == self().count() ? y : ConstView<S>(((i % 2) ? a : b).leftCols(width_out(i)));
+      View<S> in = i == 0 ? x : View<S>(((i % 2) ? b : a).leftCols(width_in(i)));
+      self().visit(i, [&](auto& blk) { blk.inverse(out, in, shape); });
+    }
+  }
+
+  /// Reversible stacks: from the output and its gradient, the input and its gradient.
+  void backward_from_output(ConstView<S> y, ConstView<S> dy, View<S> x, View<S> dx,
+                            const SequenceShape& shape) {
+    static_assert(Derived::reversible,
+                  "effattn: backward_from_output needs a stack of reversible blocks");
+    require_call(Derived::name, y, d_out(), "x", x, d_in(), shape);
+    require_matrix(Derived::name, "dy", dy, y.rows(), d_out());
+    require_matrix(Derived::name, "dx", dx, y.rows(), d_in());
+    walk_down(y, dy, x, dx, shape);
+  }
+
+ protected:
+  // Checks that each block's output is as wide as the next block's input.
+  void check_widths() const {
+    for (Index i = 0; i + 1 < self().count(); ++i)
+      require(width_out(i) == width_in(i + 1), Derived::name, concat("block ", i + 1),
+              concat("a layer taking ", width_in(i + 1), " columns"),
+              concat("the width block ", i, " gives, ", width_out(i), " columns"));
+  }
+
+ private:
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+  Derived& self() { return static_cast<Derived&>(*this); }
+
+  template <class F>
+  void for_each(F&& f) {
+    for (Index i = 0; i < self().count(); ++i)
+      self().visit(i, f);
+  }
+  template <class F>
+  void for_each(F&& f) const {
+    for (Index i = 0; i < self().count(); ++i)
+      self().visit(i, f);
+  }
+  Index width_in(Index i) const {
+    Index w = 0;
+    self().visit(i, [&](const auto& b) { w = b.d_in(); });
+    return w;
+  }
+  Index width_out(Index i) const {
+    Index w = 0;
+    self().visit(i, [&](const auto& b) { w = b.d_out(); });
+    return w;
+  }
+  Index widest() const {
+    Index w = 0;
+    for (Index i = 0; i < self().count(); ++i)
+      w = std::max({w, width_in(i), width_out(i)});
+    return w;
+  }
+  std::size_t kept_bytes() const {
+    std::size_t bytes = sizeof(S) * static_cast<std::size_t>(top_.size());
+    for (const auto& m : inputs_)
+      bytes += sizeof(S) * static_cast<std::size_t>(m.size());
+    return bytes;
+  }
+
+  // Reversible backward: each block rebuilds its input from its output, top to bottom.
+  void walk_down(ConstView<S> y, ConstView<S> dy, View<S> x, View<S> dx,
+                 const SequenceShape& shape) {
+    Workspace& ws = layer_workspace();
+    const Workspace::Frame frame(ws);
+    const Index rows = y.rows(), w = widest();
+    auto ya = ws.matrix<S>(rows, w), yb = ws.matrix<S>(rows, w);
+    auto da = ws.matrix<S>(rows, w), db = ws.matrix<S>(rows, w);
+    for (Index i = self().count() - 1; i >= 0; --i) {
+      const bool top = i + 1 == self().count(), odd = i % 2;
+      ConstView<S> out = top ? y : ConstView<S>((odd ? ya : yb).leftCols(width_out(i)));
+      ConstView<S> d_out = top ? dy : ConstView<S>((odd ? da : db).leftCols(width_out(i)));
+      View<S> in = i == 0 ? x : View<S>((odd ? yb : ya).leftCols(width_in(i)));
+      View<S> d_in = i == 0 ? dx : View<S>((odd ? db : da).leftCols(width_in(i)));
+      self().visit(i, [&](auto& blk) { blk.backward_from_output(out, d_out, in, d_in, shape); });
+    }
+  }
+
+  std::vector<Matrix<S>> inputs_;  // ordinary training: the input of blocks 1 … n−1
+  Matrix<S> top_;                  // reversible training: the stack's output
+  HeldActivations held_;
+  bool training_ = false;
+};
+
+}  // namespace detail
+
+/// Repeat<Block, N>: N blocks of one type, each built from the block config with its own
+/// seeds (block i's config reseeded with salt i). Repeat<Block> (N = runtime_depth) takes
+/// the depth from the config at run time. Parameters are named "<i>.<name>".
+inline constexpr Index runtime_depth = 0;
+
+template <class Block, Index Depth = runtime_depth>
+class Repeat : public detail::StackOps<Repeat<Block, Depth>, typename Block::Scalar> {
+  static_assert(detail::assert_layer<Block>(), "Repeat<Block, N>: Block must be a layer");
+  static_assert(Depth >= 0, "effattn: Repeat<Block, N> needs N ≥ 1 (or runtime_depth)");
+  using Base = detail::StackOps<Repeat<Block, Depth>, typename Block::Scalar>;
+  friend Base;
+
+ public:
+  static constexpr const char* name = "Repeat";
+  static constexpr bool reversible = ReversibleLayer<Block>;
+  static constexpr bool position_wise = Block::position_wise;
+
+  struct Config {
+    typename Block::Config block{};
+    Index depth = Depth;
+    Config reseeded(std::uint64_t salt) const { return {detail::reseed(block, salt), depth}; }
+  };
+
+  explicit Repeat(Config config) {
+    if constexpr (Depth != runtime_depth)
+      detail::require(config.depth == Depth, name, "depth", config.depth,
+                      detail::concat("the type's depth, ", Depth));
+    detail::require(config.depth >= 1, name, "depth", config.depth, "at least 1 block");
+    for (Index i = 0; i < config.depth; ++i)
+      blocks_.emplace_back(detail::reseed(config.block, static_cast<std::uint64_t>(i)));
+    this->check_widths();
+  }
+
+  Index count() const { return static_cast<Index>(blocks_.size()); }
+  Index depth() const { return count(); }
+  Block& operator[](Index i) { return blocks_[static_cast<std::size_t>(i)]; }
+  const Block& operator[](Index i) const { return blocks_[static_cast<std::size_t>(i)]; }
+
+ private:
+  template <class F>
+  void visit(Index i, F&& f) {
+    f(blocks_[static_cast<std::size_t>(i)]);
+  }
+  template <class F>
+  void visit(Index i, F&& f) const {
+    f(blocks_[static_cast<std::size_t>(i)]);
+  }
+
+  std::deque<Block> blocks_;  // built in place: a block need not be movable
+};
+
+/// Sequential<A, B, …>: different layers in order, block i built from the i-th config with
+/// its seed salted by i. Parameters are named "<i>.<name>".
+template <class... Blocks>
+class Sequential
+    : public detail::StackOps<Sequential<Blocks...>,
+                              typename std::tuple_element_t<0, std::tuple<Blocks...>>::Scalar> {
+  static_assert(sizeof...(Blocks) > 0, "effattn: Sequential<> needs at least one layer");
+  static_assert((detail::assert_layer<Blocks>() && ...),
+                "Sequential<Blocks...>: every block must be a layer");
+  using S = typename std::tuple_element_t<0, std::tuple<Blocks...>>::Scalar;
+  static_assert((std::same_as<typename Blocks::Scalar, S> && ...),
+                "effattn: Sequential<Blocks...> needs blocks of one Scalar type.");
+  using Base = detail::StackOps<Sequential<Blocks...>, S>;
+  friend Base;
+
+ public:
+  static constexpr const char* name = "Sequential";
+  static constexpr bool reversible = (ReversibleLayer<Blocks> && ...);
+  static constexpr bool position_wise = (Blocks::position_wise && ...);
+
+  struct Config {
+    std::tuple<typename Blocks::Config...> blocks{};
+    Config reseeded(std::uint64_t salt) const {
+      return {std::apply([&](const auto&... c) { return std::tuple{detail::reseed(c, salt)...}; },
+                         blocks)};
+    }
+  };
+
+  explicit Sequential(Config config)
+      : blocks_(build(config, std::index_sequence_for<Blocks...>{})) {
+    this->check_widths();
+  }
+  explicit Sequential(typename Blocks::Config... configs) : Sequential(Config{{configs...}}) {}
+
+  static constexpr Index count() { return sizeof...(Blocks); }
+  template <std::size_t I>
+  auto& get() {
+    return std::get<I>(blocks_);
+  }
+
+ private:
+  template <std::size_t... I>
+  static std::tuple<Blocks...> build(const Config& c, std::index_sequence<I...>) {
+    return std::tuple<Blocks...>{Blocks(detail::reseed(std::get<I>(c.blocks), I))...};
+  }
+  template <class Self, class F>
+  static void visit_in(Self& self, Index i, F& f) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      ((i == Index(I) ? (f(std::get<I>(self.blocks_)), 0) : 0), ...);
+    }
+    (std::index_sequence_for<Blocks...>{});
+  }
+  template <class F>
+  void visit(Index i, F&& f) {
+    visit_in(*this, i, f);
+  }
+  template <class F>
+  void visit(Index i, F&& f) const {
+    visit_in(*this, i, f);
+  }
+
+  std::tuple<Blocks...> blocks_;
+};
+
+}  // namespace effattn
