@@ -83,6 +83,9 @@ const Case cases[] = {
     {1, 1, 4, 3, false, -1, 8},    {37, 37, 8, 5, false, -1, 16}, {37, 37, 8, 5, true, -1, 16},
     {20, 45, 6, 4, false, -1, 7},  {40, 40, 8, 8, true, 29, 16},  {40, 40, 8, 8, false, 29, 64},
     {33, 33, 16, 16, true, -1, 1},
+    // Padding shorter than the chunk, causal: the key block must hold a whole query chunk.
+    {100, 100, 8, 8, true, 60, 128}, {50, 50, 4, 3, true, 7, 16},   {50, 50, 4, 3, true, 0, 16},
+    {20, 20, 4, 3, true, 1, 64},     {20, 20, 4, 3, false, 3, 64},
 };
 
 }  // namespace
@@ -135,11 +138,48 @@ TEST_CASE("Favor causal: future tokens and padded keys have no influence", "[fav
   CHECK(reference::relative_error(p2, p1) < 1e-12);
 }
 
+TEST_CASE("Favor causal: a future key with a huge feature leaves earlier outputs unchanged",
+          "[favor][stabiliser]") {
+  // Key t along W's first direction with norm d^{3/4} has log-feature ≈ d/2 = 128 above the
+  // others': under one shift over all keys every earlier feature underflows in float.
+  const Index n = 40, d = 256;
+  for (const Index chunk : {Index(8), Index(64)}) {  // the key in a later chunk, or in the same
+    CAPTURE(chunk);
+    const Favor<float> favor({.features = 64, .chunk = chunk}, HeadLayout{1, d, d, 7});
+    Matrix<float> q(n, d), k(n, d), v(n, d);
+    CounterRng(1).fill_normal(q, 0.3);
+    CounterRng(2).fill_normal(k, 0.3);
+    CounterRng(3).fill_normal(v);
+    const HeadContext causal{0, 0, 0, n, 0, true};
+    const Matrix<float> before = run(favor, q, k, v, causal);
+    const Index t = 30;
+    k.row(t) = favor.projection(0).row(0).normalized() * std::pow(float(d), 0.75f);
+    const Matrix<float> after = run(favor, q, k, v, causal);
+    CHECK(after.allFinite());
+    CHECK(after.topRows(t) == before.topRows(t));  // not just close: no future key is read
+    CHECK(before.topRows(t).norm() > 0);
+    // Rows from t on follow the naive kernelised reference (in double, no stabiliser needed).
+    const Favor<double> exact({.features = 64, .chunk = chunk, .epsilon = 0.0},
+                              HeadLayout{1, d, d, 7});
+    const MatD expected = naive_favor<PositiveSoftmaxFeatures>(
+        q.cast<double>(), k.cast<double>(), v.cast<double>(), exact.projection(0), {true, n, 0});
+    CHECK(reference::relative_error(after.bottomRows(n - t), expected.bottomRows(n - t)) < 1e-4);
+    // Gradients stay finite with the huge key (double: the backward sweeps rescale too).
+    Matrix<double> dq(n, d), dk(n, d), dv(n, d);
+    const Matrix<double> qd = q.cast<double>(), kd = k.cast<double>(), vd = v.cast<double>();
+    const Matrix<double> out = run(exact, qd, kd, vd, causal);
+    Workspace ws;
+    exact.backward(qd, kd, vd, out, vd, {}, dq, dk, dv, causal, ws);
+    CHECK((dq.allFinite() && dk.allFinite() && dv.allFinite()));
+  }
+}
+
 TEMPLATE_TEST_CASE("Favor gradients match finite differences (double)", "[favor][backward]",
                    PositiveSoftmaxFeatures, HyperbolicSoftmaxFeatures, ReluFeatures) {
   using Map = TestType;
   for (const Case& c : {Case{9, 9, 4, 3, true, -1, 4}, Case{7, 11, 4, 3, false, 8, 4},
-                        Case{12, 12, 3, 2, true, 10, 5}}) {
+                        Case{12, 12, 3, 2, true, 10, 5}, Case{12, 12, 3, 2, true, 3, 5},
+                        Case{10, 10, 3, 2, true, 4, 16}}) {
     CAPTURE(c.causal, c.key_length);
     const Favor<double, Map> favor({.features = 10, .chunk = c.chunk, .epsilon = 0.0},
                                    HeadLayout{1, c.d, c.d_v, 3});

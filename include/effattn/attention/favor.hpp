@@ -28,15 +28,18 @@ namespace effattn {
 ///   causal         out_i = Q'_i S_i / (Q'_i · z_i),  S_i = Σ_{j≤i} K'_jᵀ V_j,  z_i = Σ_{j≤i} K'_j
 /// never forming an n×n matrix. Causal runs in chunks of `chunk` tokens: a masked chunk ×
 /// chunk product inside a chunk, the m×d_v state carried across chunks.
-/// Time O(n·m·d); scratch O(chunk·m + m·d_v) per thread (plus n_q scalars in causal backward).
-/// Stabiliser: queries subtract their own row's largest log-feature, keys one maximum over all
-/// valid keys (found by a first pass over the keys); both cancel in the normalisation. Padded
-/// keys get all-zero features, so they leave numerator and denominator. ε (Config::epsilon,
-/// default the map's) is added to every query feature, and to key features except when
-/// causal with a stabilised map: there the keys' maximum spans future keys, and ε would let
-/// them leak into earlier outputs (by ~1e-4 relative, measured). A row whose
-/// normaliser is 0 gives 0. W is not trained; it is drawn from the block's seed, redrawn on
-/// request and readable and settable. Queries and keys of a head always share W.
+/// Time O(n·m·d); scratch O(chunk·m + chunk² + m·d_v) per thread (plus n_q scalars in causal
+/// backward). Stabiliser (all shifts cancel in the normalisation): queries subtract their own
+/// row's largest log-feature. Bidirectional keys share one shift, the largest log-feature of
+/// all valid keys, found while summing them (a chunk that raises it rescales the sums so
+/// far). Causal keys keep their own shifts and each query works in the frame of the largest
+/// shift among the keys it sees, so a future key can never make an earlier output underflow.
+/// Padded keys get all-zero features, so they leave numerator and denominator. ε
+/// (Config::epsilon, default the map's) is added to every query feature, and to key features
+/// except when causal with a stabilised map (there each key is in its own frame and ε would
+/// change the function). A row whose normaliser is 0 gives 0. W is not trained; it is drawn
+/// from the block's seed, redrawn on request and readable and settable. Queries and keys of a
+/// head always share W.
 template <class S = float, class FeatureMap = PositiveSoftmaxFeatures>
 class Favor {
  public:
@@ -116,10 +119,11 @@ class Favor {
     const Index c = std::min(config_.chunk, std::max(n_q, n_k)), m = config_.features;
     const Index f = feature_width();
     const std::size_t chunk_buffers = 2 * W::bytes_for<S>(c * d_k) + 2 * W::bytes_for<S>(c * m) +
-                                      4 * W::bytes_for<S>(c * f) + 2 * W::bytes_for<S>(c * c) +
-                                      2 * W::bytes_for<S>(c * d_v) + 4 * W::bytes_for<S>(c);
-    const std::size_t state = 4 * W::bytes_for<S>(f * d_v) + 4 * W::bytes_for<S>(f);
-    return chunk_buffers + state + W::bytes_for<S>(n_q);
+                                      4 * W::bytes_for<S>(c * f) + 3 * W::bytes_for<S>(c * c) +
+                                      2 * W::bytes_for<S>(c * d_v) + 8 * W::bytes_for<S>(c);
+    const std::size_t state = 4 * W::bytes_for<S>(f * d_v) + 4 * W::bytes_for<S>(f) +
+                              W::bytes_for<S>(d_v);
+    return chunk_buffers + state + W::bytes_for<S>(n_q) + W::bytes_for<S>(n_q / c + 2);
   }
 
   void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved*,
@@ -131,19 +135,18 @@ class Favor {
     const Index keys = ctx.key_length;
     out.setZero();
     if (keys == 0) return;
-    const S shift = key_shift(k.topRows(keys), w, ws);
-    Block qb(*this, ws, std::min(c, n_q), w.cols(), ctx.causal),
-        kb(*this, ws, std::min(c, keys), w.cols(), ctx.causal);
+    // Blocks hold what a loop fills: query chunks, key chunks (causal: the query chunks).
+    Block qb(*this, ws, std::min(c, n_q), w.cols()), kb(*this, ws, std::min(c, k.rows()), w.cols());
     auto state = ws.matrix<S>(f, d_v);  // Σ K'ᵀV
     auto z = ws.matrix<S>(1, f);        // Σ K'
     auto den = ws.matrix<S>(std::min(c, n_q), 1);
     state.setZero();
     z.setZero();
     if (!ctx.causal) {
-      summarise_keys(k.topRows(keys), v.topRows(keys), w, shift, kb, state, z);
+      summarise_keys(k.topRows(keys), v.topRows(keys), w, kb, state, z, ws);
       for (Index i0 = 0; i0 < n_q; i0 += c) {
         const Index rows = std::min(c, n_q - i0);
-        qb.compute(q.middleRows(i0, rows), w, true, 0);
+        qb.compute(q.middleRows(i0, rows), w, Shift::own, epsilon_);
         auto o = out.middleRows(i0, rows);
         mul<false>(o, qb.phi(), state);
         auto dl = den.topRows(rows);
@@ -152,24 +155,22 @@ class Favor {
       }
       return;
     }
-    auto a = ws.matrix<S>(std::min(c, n_q), std::min(c, n_q));
+    Prefix run(ws, std::min(c, n_q));
     for (Index t0 = 0; t0 < n_q; t0 += c) {
       const Index rows = std::min(c, n_q - t0);
       const Index valid = std::clamp<Index>(keys - t0, 0, rows);  // padded keys are at the end
-      qb.compute(q.middleRows(t0, rows), w, true, 0);
-      kb.compute(k.middleRows(t0, rows), w, false, shift, valid);
-      auto al = a.topLeftCorner(rows, rows);
-      mul<false>(al, qb.phi(), kb.phi().transpose());
-      al.template triangularView<Eigen::StrictlyUpper>().setZero();
+      qb.compute(q.middleRows(t0, rows), w, Shift::own, epsilon_);
+      kb.compute(k.middleRows(t0, rows), w, Shift::own, key_epsilon(true), valid);
+      const auto al = run.enter(qb, kb);
       auto o = out.middleRows(t0, rows);
-      mul<false>(o, qb.phi(), state);
-      mul<true>(o, al, v.middleRows(t0, rows));
       auto dl = den.topRows(rows);
+      mul<false>(o, qb.phi(), state);
       dl.noalias() = qb.phi() * z.transpose();
+      run.scale_by_alpha(o, dl);
+      mul<true>(o, al, v.middleRows(t0, rows));
       dl += al.rowwise().sum();
       normalise(o, dl);
-      mul<true>(state, kb.phi().transpose(), v.middleRows(t0, rows));
-      z.noalias() += kb.phi().colwise().sum();
+      run.advance(kb, v.middleRows(t0, rows), state, z);
     }
   }
 
@@ -185,14 +186,12 @@ class Favor {
     d_k.setZero();
     d_v.setZero();
     if (keys == 0) return;
-    const S shift = key_shift(k.topRows(keys), w, ws);
-    Block qb(*this, ws, std::min(c, n_q), w.cols(), ctx.causal),
-        kb(*this, ws, std::min(c, keys), w.cols(), ctx.causal);
+    Block qb(*this, ws, std::min(c, n_q), w.cols()), kb(*this, ws, std::min(c, k.rows()), w.cols());
     auto state = ws.matrix<S>(f, dv);
     auto z = ws.matrix<S>(1, f);
     auto r_state = ws.matrix<S>(f, dv);  // Σ Q'ᵀ dnum over the queries that see a key
     auto r_z = ws.matrix<S>(1, f);       // Σ Q'ᵀ dden
-    auto d_phi = ws.matrix<S>(std::min(c, std::max(n_q, keys)), f);
+    auto d_phi = ws.matrix<S>(std::min(c, std::max(n_q, k.rows())), f);
     auto dnum = ws.matrix<S>(std::min(c, n_q), dv);
     auto dden = ws.matrix<S>(std::min(c, n_q), 1);
     auto den = ws.matrix<S>(std::min(c, n_q), 1);
@@ -210,10 +209,10 @@ class Favor {
     };
 
     if (!ctx.causal) {
-      summarise_keys(k.topRows(keys), v.topRows(keys), w, shift, kb, state, z);
+      const S shift = summarise_keys(k.topRows(keys), v.topRows(keys), w, kb, state, z, ws);
       for (Index i0 = 0; i0 < n_q; i0 += c) {
         const Index rows = std::min(c, n_q - i0);
-        qb.compute(q.middleRows(i0, rows), w, true, 0);
+        qb.compute(q.middleRows(i0, rows), w, Shift::own, epsilon_);
         auto dl = den.topRows(rows);
         dl.noalias() = qb.phi() * z.transpose();
         output_grads(i0, rows, dl);
@@ -226,7 +225,7 @@ class Favor {
       }
       for (Index j0 = 0; j0 < keys; j0 += c) {
         const Index rows = std::min(c, keys - j0);
-        kb.compute(k.middleRows(j0, rows), w, false, shift);
+        kb.compute(k.middleRows(j0, rows), w, Shift::common, key_epsilon(false), -1, shift);
         auto dp = d_phi.topRows(rows);
         mul<false>(dp, v.middleRows(j0, rows), r_state.transpose());
         dp.rowwise() += r_z.row(0);
@@ -236,99 +235,128 @@ class Favor {
       return;
     }
 
-    // Causal. Forward sweep: the states before each chunk give dQ; each row's normaliser is
-    // kept (n_q scalars) for the reverse sweep, which accumulates Σ_{i ≥ j} terms for dK, dV.
+    // Causal. Forward sweep: the states before each chunk give dQ; each row's normaliser and
+    // each chunk's state shift are kept (n_q + n_q/c scalars) for the reverse sweep, which
+    // accumulates the Σ_{i ≥ j} terms for dK and dV in the frame of the chunk's shift.
     S* den_all = ws.take<S>(n_q);
-    auto a = ws.matrix<S>(std::min(c, n_q), std::min(c, n_q));
+    S* shifts = ws.take<S>(n_q / c + 2);  // shifts[t]: the state's shift before chunk t
+    Prefix run(ws, std::min(c, n_q));
     auto l = ws.matrix<S>(std::min(c, n_q), std::min(c, n_q));
-    // L = tril(dnum·Vᵀ + dden·1ᵀ): the loss's derivative by the chunk's masked products.
+    // tril(dnum·Vᵀ + dden·1ᵀ) ∘ E: the loss's derivative by the chunk's weighted products.
     auto local_grads = [&](Index rows, const auto& v_chunk) {
       auto ll = l.topLeftCorner(rows, rows);
       mul<false>(ll, dnum.topRows(rows), v_chunk.transpose());
       ll.colwise() += dden.topRows(rows).col(0);
-      ll.template triangularView<Eigen::StrictlyUpper>().setZero();
+      ll.array() *= run.weights(rows).array();
       return ll;
     };
-    for (Index t0 = 0; t0 < n_q; t0 += c) {
+    Index chunk = 0;
+    for (Index t0 = 0; t0 < n_q; t0 += c, ++chunk) {
       const Index rows = std::min(c, n_q - t0);
       const Index valid = std::clamp<Index>(keys - t0, 0, rows);
-      qb.compute(q.middleRows(t0, rows), w, true, 0);
-      kb.compute(k.middleRows(t0, rows), w, false, shift, valid);
-      auto al = a.topLeftCorner(rows, rows);
-      mul<false>(al, qb.phi(), kb.phi().transpose());
-      al.template triangularView<Eigen::StrictlyUpper>().setZero();
+      shifts[chunk] = run.shift();
+      qb.compute(q.middleRows(t0, rows), w, Shift::own, epsilon_);
+      kb.compute(k.middleRows(t0, rows), w, Shift::own, key_epsilon(true), valid);
+      const auto al = run.enter(qb, kb);
       Eigen::Map<Eigen::Matrix<S, -1, 1>> den_chunk(den_all + t0, rows);
       den_chunk.noalias() = qb.phi() * z.transpose();
+      run.scale_by_alpha(den_chunk);
       den_chunk += al.rowwise().sum();
       output_grads(t0, rows, den_chunk);
       auto ll = local_grads(rows, v.middleRows(t0, rows));
       auto dp = d_phi.topRows(rows);
       mul<false>(dp, dnum.topRows(rows), state.transpose());
       dp.noalias() += dden.topRows(rows) * z;
+      run.scale_by_alpha(dp);
       mul<true>(dp, ll, kb.phi());
       qb.backward(dp, w, d_q.middleRows(t0, rows));
-      mul<true>(state, kb.phi().transpose(), v.middleRows(t0, rows));
-      z.noalias() += kb.phi().colwise().sum();
+      run.advance(kb, v.middleRows(t0, rows), state, z);
     }
-    const Index last = ((n_q - 1) / c) * c;
-    for (Index t0 = last; t0 >= 0; t0 -= c) {
+    shifts[chunk] = run.shift();
+    for (Index t0 = ((n_q - 1) / c) * c; t0 >= 0; t0 -= c) {
+      --chunk;
       const Index rows = std::min(c, n_q - t0);
       const Index valid = std::clamp<Index>(keys - t0, 0, rows);
-      qb.compute(q.middleRows(t0, rows), w, true, 0);
-      kb.compute(k.middleRows(t0, rows), w, false, shift, valid);
+      const S before = shifts[chunk], after = shifts[chunk + 1];
+      qb.compute(q.middleRows(t0, rows), w, Shift::own, epsilon_);
+      kb.compute(k.middleRows(t0, rows), w, Shift::own, key_epsilon(true), valid);
+      run.restart(before);
+      const auto al = run.enter(qb, kb);
       output_grads(t0, rows, Eigen::Map<const Eigen::Matrix<S, -1, 1>>(den_all + t0, rows));
-      auto al = a.topLeftCorner(rows, rows);
-      mul<false>(al, qb.phi(), kb.phi().transpose());
-      al.template triangularView<Eigen::StrictlyUpper>().setZero();
       auto ll = local_grads(rows, v.middleRows(t0, rows));
+      // Later chunks' queries, through r_state and r_z (kept in the frame of `after`).
       auto dp = d_phi.topRows(rows);
+      auto dvc = d_v.middleRows(t0, rows);
       mul<false>(dp, v.middleRows(t0, rows), r_state.transpose());
       dp.rowwise() += r_z.row(0);
-      mul<true>(dp, ll.transpose(), qb.phi());
-      auto dvc = d_v.middleRows(t0, rows);
       mul<false>(dvc, kb.phi(), r_state);
+      run.scale_by_beta(dp, after, kb);
+      run.scale_by_beta(dvc, after, kb);
+      mul<true>(dp, ll.transpose(), qb.phi());
       mul<true>(dvc, al.transpose(), dnum.topRows(rows));
       if (valid < rows) {  // padded keys: no gradient
         dvc.bottomRows(rows - valid).setZero();
         dp.bottomRows(rows - valid).setZero();
       }
       kb.backward(dp, w, d_k.middleRows(t0, rows));
-      mul<true>(r_state, qb.phi().transpose(), dnum.topRows(rows));
-      r_z.noalias() += dden.topRows(rows).transpose() * qb.phi();
+      if (t0 == 0) break;
+      // Move r_state and r_z to the frame of `before`, then add this chunk's queries.
+      const S rescale = std::exp(before - after);
+      r_state *= rescale;
+      r_z *= rescale;
+      auto qs = qb.phi();
+      run.scale_by_alpha(qs);
+      mul<true>(r_state, qs.transpose(), dnum.topRows(rows));
+      r_z.noalias() += dden.topRows(rows).transpose() * qs;
     }
   }
 
  private:
+  static constexpr S minus_infinity = -std::numeric_limits<S>::infinity();
+
+  // How a block of rows is stabilised: `own`, each row by its own largest log-feature (kept
+  // in shifts()); `common`, every row by one value at least as large as all of theirs.
+  enum class Shift { own, common };
+
   // Features of a block of rows, with what backward needs: the scaled inputs and projections.
   class Block {
    public:
-    Block(const Favor& favor, Workspace& ws, Index capacity, Index d, bool causal)
+    Block(const Favor& favor, Workspace& ws, Index capacity, Index d)
         : favor_(favor),
-          key_epsilon_(favor.key_epsilon(causal)),
           xs_(ws.matrix<S>(capacity, d)),
           z_(ws.matrix<S>(capacity, favor.features())),
-          phi_(ws.matrix<S>(capacity, favor.feature_width())) {}
+          phi_(ws.matrix<S>(capacity, favor.feature_width())),
+          shifts_(ws.take<S>(capacity)),
+          capacity_(capacity) {}
 
-    /// Features of `x` (rows of q or k); rows at or past `valid` get zero features.
+    /// Features of `x` (rows of q or k) plus `epsilon`; rows at or past `valid` get zero
+    /// features. Shift::common subtracts max(floor, the valid rows' largest log-feature),
+    /// which it returns (−∞ when no row is valid).
     template <class X>
-    void compute(const X& x, const Matrix<S>& w, bool query, S key_shift, Index valid = -1) {
+    S compute(const X& x, const Matrix<S>& w, Shift mode, S epsilon, Index valid = -1,
+              S floor = minus_infinity) {
       rows_ = x.rows();
-      epsilon_ = query ? favor_.epsilon_ : key_epsilon_;
+      eigen_assert(rows_ <= capacity_);
+      epsilon_ = epsilon;
       valid_ = valid < 0 ? rows_ : valid;
       const Index m = favor_.features();
       xs().noalias() = favor_.input_scale() * x;
       mul<false>(z(), xs(), w.transpose());
+      S common = floor;
+      for (Index r = 0; r < valid_; ++r) {
+        shifts_[r] = FeatureMap::log_max(&z_(r, 0), m, half_norm(r));
+        common = std::max(common, shifts_[r]);
+      }
       for (Index r = 0; r < rows_; ++r) {
         if (r >= valid_) {
           phi().row(r).setZero();
           continue;
         }
-        const S h = xs().row(r).squaredNorm() / 2;
-        const S* zr = &z_(r, 0);
-        const S shift = query ? FeatureMap::log_max(zr, m, h) : key_shift;
-        FeatureMap::apply(zr, m, h, shift, &phi_(r, 0));
-        phi().row(r).array() += epsilon_;
+        FeatureMap::apply(&z_(r, 0), m, half_norm(r), mode == Shift::own ? shifts_[r] : common,
+                          &phi_(r, 0));
+        if (epsilon_ != S(0)) phi().row(r).array() += epsilon_;
       }
+      return common;
     }
 
     /// dx (written) from d_phi for the rows of the last compute.
@@ -341,7 +369,7 @@ class Favor {
           dz.row(r).setZero();
           continue;
         }
-        const S h = xs().row(r).squaredNorm() / 2;
+        const S h = half_norm(r);
         phi().row(r).array() -= epsilon_;  // the maps' derivatives use φ without ε
         const S dh = FeatureMap::backward(&z_(r, 0), m, h, &phi_(r, 0), &d_phi(r, 0), &z_(r, 0));
         phi().row(r).array() += epsilon_;
@@ -354,13 +382,99 @@ class Favor {
     auto phi() { return phi_.topRows(rows_); }
     auto xs() { return xs_.topRows(rows_); }
     auto z() { return z_.topRows(rows_); }
+    /// Own-shift rows: the shift of row r (valid rows only).
+    S shift(Index r) const { return shifts_[r]; }
+    Index rows() const { return rows_; }
+    Index valid() const { return valid_; }
 
    private:
+    S half_norm(Index r) { return xs().row(r).squaredNorm() / 2; }
+
     const Favor& favor_;
-    S key_epsilon_;
     Eigen::Map<Matrix<S>, Eigen::Aligned64> xs_, z_, phi_;
-    Index rows_ = 0, valid_ = 0;
+    S* shifts_;
+    Index capacity_, rows_ = 0, valid_ = 0;
     S epsilon_ = 0;
+  };
+
+  // Causal prefix sums with a stabiliser that never looks ahead. Key j carries its own
+  // shift s_j; query i uses r_i = max(shift of the state, s_j for the keys j ≤ i of its
+  // chunk), so every factor below is exp(≤ 0) and no future key can make an earlier
+  // feature underflow. The state (Σ K'ᵀV, Σ K') is kept in the frame of the largest shift
+  // so far and rescaled when it grows. All shifts cancel in num/den: gradients treat them
+  // as constants, which is exact because keys get no ε here.
+  class Prefix {
+   public:
+    Prefix(Workspace& ws, Index capacity)
+        : running_(ws.take<S>(capacity)),
+          a_(ws.matrix<S>(capacity, capacity)),
+          e_(ws.matrix<S>(capacity, capacity)) {}
+
+    S shift() const { return shift_; }
+    void restart(S shift) { shift_ = shift; }
+
+    /// The chunk's weighted product A = tril(Q' K'ᵀ) ∘ E, E_ij = exp(s_j − r_i).
+    auto enter(Block& qb, Block& kb) {
+      rows_ = qb.rows();
+      S r = shift_;
+      for (Index i = 0; i < rows_; ++i) {
+        if (i < kb.valid()) r = std::max(r, kb.shift(i));
+        running_[i] = r;
+        for (Index j = 0; j <= i && j < kb.valid(); ++j)
+          e_(i, j) = std::exp(kb.shift(j) - r);
+        for (Index j = std::min(i + 1, kb.valid()); j < rows_; ++j)
+          e_(i, j) = 0;
+      }
+      next_ = rows_ > 0 ? running_[rows_ - 1] : shift_;
+      auto al = a_.topLeftCorner(rows_, rows_);
+      mul<false>(al, qb.phi(), kb.phi().transpose());
+      al.array() *= weights(rows_).array();
+      return al;
+    }
+    auto weights(Index rows) const { return e_.topLeftCorner(rows, rows); }
+
+    /// Rows times α_i = exp(state shift − r_i): the state's terms in query i's frame.
+    template <class M>
+    void scale_by_alpha(M&& m) const {
+      for (Index i = 0; i < rows_; ++i)
+        m.row(i) *= alpha(i);
+    }
+    template <class M1, class M2>
+    void scale_by_alpha(M1&& a, M2&& b) const {
+      scale_by_alpha(a);
+      scale_by_alpha(b);
+    }
+    /// Key rows times β_j = exp(s_j − frame) (rows of padded keys are left as they are).
+    template <class M>
+    void scale_by_beta(M&& m, S frame, const Block& kb) const {
+      for (Index j = 0; j < kb.valid(); ++j)
+        m.row(j) *= std::exp(kb.shift(j) - frame);
+    }
+
+    /// Adds the chunk's keys to the state, moving it to the frame of the chunk's last shift.
+    template <class V, class St, class Z>
+    void advance(Block& kb, const V& v, St& state, Z& z) {
+      if (shift_ != minus_infinity && next_ != shift_) {
+        const S rescale = std::exp(shift_ - next_);
+        state *= rescale;
+        z *= rescale;
+      }
+      auto k = kb.phi();
+      scale_by_beta(k, next_, kb);
+      mul<true>(state, k.transpose(), v);
+      z.noalias() += k.colwise().sum();
+      shift_ = next_;
+    }
+
+   private:
+    S alpha(Index i) const {
+      return shift_ == minus_infinity ? S(0) : std::exp(shift_ - running_[i]);
+    }
+
+    S* running_;
+    Eigen::Map<Matrix<S>, Eigen::Aligned64> a_, e_;
+    Index rows_ = 0;
+    S shift_ = minus_infinity, next_ = minus_infinity;
   };
 
   // Every product through sliced_product: operands as wide as the features would otherwise
@@ -370,8 +484,8 @@ class Favor {
     detail::sliced_product<Accumulate>(std::forward<D>(dst), a, b);
   }
 
-  // ε on key features would make the output depend on the keys' stabiliser; causal, that
-  // is a maximum over future keys too, so there keys get none (queries' shifts are their own).
+  // Causal keys get no ε from a stabilised map: their features are relative to their own
+  // shift, so ε would change the function (queries' ε sits in their own frame, as upstream).
   S key_epsilon(bool causal) const {
     return causal && FeatureMap::estimates_softmax ? S(0) : epsilon_;
   }
@@ -385,35 +499,36 @@ class Favor {
     return static_cast<std::size_t>(config_.per_head ? head : 0);
   }
 
-  // The largest log-feature over all (valid) keys: the keys' stabiliser.
-  S key_shift(ConstView<S> k, const Matrix<S>& w, Workspace& ws) const {
-    Workspace::Frame frame(ws);
-    const Index c = std::min(config_.chunk, k.rows()), m = config_.features;
-    auto xs = ws.matrix<S>(c, k.cols());
-    auto z = ws.matrix<S>(c, m);
-    S shift = -std::numeric_limits<S>::infinity();
-    for (Index j0 = 0; j0 < k.rows(); j0 += c) {
-      const Index rows = std::min(c, k.rows() - j0);
-      auto xb = xs.topRows(rows);
-      auto zb = z.topRows(rows);
-      xb.noalias() = input_scale() * k.middleRows(j0, rows);
-      mul<false>(zb, xb, w.transpose());
-      for (Index r = 0; r < rows; ++r)
-        shift = std::max(shift, FeatureMap::log_max(&z(r, 0), m, S(xb.row(r).squaredNorm() / 2)));
-    }
-    return shift;
-  }
-
-  // state = Σ_j K'_jᵀ V_j and z = Σ_j K'_j over the given (valid) keys, chunk by chunk.
+  // state = Σ_j K'_jᵀ V_j and z = Σ_j K'_j over the given (valid) keys, chunk by chunk, all
+  // under one shift: the largest log-feature of the keys, found on the way (a chunk that
+  // raises it rescales what came before), so there is no separate pass over the keys.
+  // ε is added at the end as if to every key feature. Returns the shift.
   template <class St, class Z>
-  void summarise_keys(ConstView<S> k, ConstView<S> v, const Matrix<S>& w, S shift, Block& kb,
-                      St& state, Z& z) const {
+  S summarise_keys(ConstView<S> k, ConstView<S> v, const Matrix<S>& w, Block& kb, St& state, Z& z,
+                   Workspace& ws) const {
+    Workspace::Frame frame(ws);
+    auto v_sum = ws.matrix<S>(1, v.cols());
+    v_sum.setZero();
+    S shift = minus_infinity;
     for (Index j0 = 0; j0 < k.rows(); j0 += config_.chunk) {
       const Index rows = std::min(config_.chunk, k.rows() - j0);
-      kb.compute(k.middleRows(j0, rows), w, false, shift);
+      const S next = kb.compute(k.middleRows(j0, rows), w, Shift::common, S(0), -1, shift);
+      if (j0 > 0 && next != shift) {
+        const S rescale = std::exp(shift - next);
+        state *= rescale;
+        z *= rescale;
+      }
+      shift = next;
       mul<true>(state, kb.phi().transpose(), v.middleRows(j0, rows));
       z.noalias() += kb.phi().colwise().sum();
+      v_sum.noalias() += v.middleRows(j0, rows).colwise().sum();
     }
+    const S eps = key_epsilon(false);
+    if (eps != S(0)) {
+      state.rowwise() += eps * v_sum.row(0);
+      z.array() += eps * S(k.rows());
+    }
+    return shift;
   }
 
   template <class O, class D>
