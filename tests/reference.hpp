@@ -8,7 +8,9 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <type_traits>
 
+#include "effattn/attention/feature_maps.hpp"
 #include "effattn/core/types.hpp"
 
 namespace effattn::reference {
@@ -124,6 +126,48 @@ inline MatD multi_head_attention(const MatD& x, const MatD& context, const MhaWe
                     v.block(b * n_k, h * d_v, n_k, d_v), scale, mask);
     }
   return project(merged, w.w_o, w.b_o);
+}
+
+// φ(X) row by row, straight from ALGORITHMS.md §2, no stabiliser, in double.
+template <class Map>
+inline MatD naive_features(const MatD& x, const MatD& w) {
+  const double scale = Map::estimates_softmax ? std::pow(double(x.cols()), -0.25) : 1.0;
+  const MatD xs = scale * x, z = xs * w.transpose();
+  const Index m = w.rows();
+  MatD phi(x.rows(), Map::width * m);
+  for (Index r = 0; r < x.rows(); ++r) {
+    const double h = xs.row(r).squaredNorm() / 2;
+    for (Index j = 0; j < m; ++j) {
+      if constexpr (std::is_same_v<Map, PositiveSoftmaxFeatures>) {
+        phi(r, j) = std::exp(z(r, j) - h) / std::sqrt(double(m));
+      } else if constexpr (std::is_same_v<Map, HyperbolicSoftmaxFeatures>) {
+        phi(r, j) = std::exp(z(r, j) - h) / std::sqrt(2.0 * m);
+        phi(r, m + j) = std::exp(-z(r, j) - h) / std::sqrt(2.0 * m);
+      } else if constexpr (std::is_same_v<Map, TrigonometricFeatures>) {
+        phi(r, j) = std::exp(h) * std::sin(z(r, j)) / std::sqrt(double(m));
+        phi(r, m + j) = std::exp(h) * std::cos(z(r, j)) / std::sqrt(double(m));
+      } else {
+        phi(r, j) = std::max(z(r, j), 0.0) / std::sqrt(double(m));
+      }
+    }
+  }
+  return phi;
+}
+
+// D⁻¹ (φ(Q) φ(K)ᵀ ∘ mask) V, materialised.
+template <class Map>
+inline MatD naive_favor(const MatD& q, const MatD& k, const MatD& v, const MatD& w,
+                        const Mask& mask) {
+  MatD a = naive_features<Map>(q, w) * naive_features<Map>(k, w).transpose();
+  for (Index i = 0; i < a.rows(); ++i)
+    for (Index j = 0; j < a.cols(); ++j)
+      if (!mask.visible(i, j, a.cols())) a(i, j) = 0;
+  MatD out = a * v;
+  for (Index i = 0; i < a.rows(); ++i) {
+    const double den = a.row(i).sum();
+    out.row(i) = den == 0 ? Eigen::RowVectorXd::Zero(v.cols()).eval() : (out.row(i) / den).eval();
+  }
+  return out;
 }
 
 }  // namespace effattn::reference

@@ -15,48 +15,6 @@ using reference::MatD;
 
 namespace {
 
-// φ(X) row by row, straight from ALGORITHMS.md §2, no stabiliser, in double.
-template <class Map>
-MatD naive_features(const MatD& x, const MatD& w) {
-  const double scale = Map::estimates_softmax ? std::pow(double(x.cols()), -0.25) : 1.0;
-  const MatD xs = scale * x, z = xs * w.transpose();
-  const Index m = w.rows();
-  MatD phi(x.rows(), Map::width * m);
-  for (Index r = 0; r < x.rows(); ++r) {
-    const double h = xs.row(r).squaredNorm() / 2;
-    for (Index j = 0; j < m; ++j) {
-      if constexpr (std::is_same_v<Map, PositiveSoftmaxFeatures>) {
-        phi(r, j) = std::exp(z(r, j) - h) / std::sqrt(double(m));
-      } else if constexpr (std::is_same_v<Map, HyperbolicSoftmaxFeatures>) {
-        phi(r, j) = std::exp(z(r, j) - h) / std::sqrt(2.0 * m);
-        phi(r, m + j) = std::exp(-z(r, j) - h) / std::sqrt(2.0 * m);
-      } else if constexpr (std::is_same_v<Map, TrigonometricFeatures>) {
-        phi(r, j) = std::exp(h) * std::sin(z(r, j)) / std::sqrt(double(m));
-        phi(r, m + j) = std::exp(h) * std::cos(z(r, j)) / std::sqrt(double(m));
-      } else {
-        phi(r, j) = std::max(z(r, j), 0.0) / std::sqrt(double(m));
-      }
-    }
-  }
-  return phi;
-}
-
-// D⁻¹ (φ(Q) φ(K)ᵀ ∘ mask) V, materialised.
-template <class Map>
-MatD naive_favor(const MatD& q, const MatD& k, const MatD& v, const MatD& w,
-                 const reference::Mask& mask) {
-  MatD a = naive_features<Map>(q, w) * naive_features<Map>(k, w).transpose();
-  for (Index i = 0; i < a.rows(); ++i)
-    for (Index j = 0; j < a.cols(); ++j)
-      if (!mask.visible(i, j, a.cols())) a(i, j) = 0;
-  MatD out = a * v;
-  for (Index i = 0; i < a.rows(); ++i) {
-    const double den = a.row(i).sum();
-    out.row(i) = den == 0 ? Eigen::RowVectorXd::Zero(v.cols()).eval() : (out.row(i) / den).eval();
-  }
-  return out;
-}
-
 struct Case {
   Index n_q, n_k, d, d_v;
   bool causal;
@@ -80,12 +38,19 @@ HeadContext context_of(const Case& c) {
 }
 
 const Case cases[] = {
-    {1, 1, 4, 3, false, -1, 8},    {37, 37, 8, 5, false, -1, 16}, {37, 37, 8, 5, true, -1, 16},
-    {20, 45, 6, 4, false, -1, 7},  {40, 40, 8, 8, true, 29, 16},  {40, 40, 8, 8, false, 29, 64},
+    {1, 1, 4, 3, false, -1, 8},
+    {37, 37, 8, 5, false, -1, 16},
+    {37, 37, 8, 5, true, -1, 16},
+    {20, 45, 6, 4, false, -1, 7},
+    {40, 40, 8, 8, true, 29, 16},
+    {40, 40, 8, 8, false, 29, 64},
     {33, 33, 16, 16, true, -1, 1},
     // Padding shorter than the chunk, causal: the key block must hold a whole query chunk.
-    {100, 100, 8, 8, true, 60, 128}, {50, 50, 4, 3, true, 7, 16},   {50, 50, 4, 3, true, 0, 16},
-    {20, 20, 4, 3, true, 1, 64},     {20, 20, 4, 3, false, 3, 64},
+    {100, 100, 8, 8, true, 60, 128},
+    {50, 50, 4, 3, true, 7, 16},
+    {50, 50, 4, 3, true, 0, 16},
+    {20, 20, 4, 3, true, 1, 64},
+    {20, 20, 4, 3, false, 3, 64},
 };
 
 }  // namespace
@@ -102,8 +67,8 @@ TEMPLATE_TEST_CASE("Favor equals the naive kernelised attention with the same fe
     CounterRng(3).fill_normal(v);
     const Favor<double, Map> favor({.features = 24, .chunk = c.chunk, .epsilon = 0.0},
                                    HeadLayout{1, c.d, c.d_v, 5});
-    const MatD expected =
-        naive_favor<Map>(q, k, v, favor.projection(0), {c.causal, context_of(c).key_length, 0});
+    const MatD expected = reference::naive_favor<Map>(q, k, v, favor.projection(0),
+                                                      {c.causal, context_of(c).key_length, 0});
     CHECK(reference::relative_error(run(favor, q, k, v, context_of(c)), expected) < 1e-11);
 
     // float: same W, rounded
@@ -161,7 +126,7 @@ TEST_CASE("Favor causal: a future key with a huge feature leaves earlier outputs
     // Rows from t on follow the naive kernelised reference (in double, no stabiliser needed).
     const Favor<double> exact({.features = 64, .chunk = chunk, .epsilon = 0.0},
                               HeadLayout{1, d, d, 7});
-    const MatD expected = naive_favor<PositiveSoftmaxFeatures>(
+    const MatD expected = reference::naive_favor<PositiveSoftmaxFeatures>(
         q.cast<double>(), k.cast<double>(), v.cast<double>(), exact.projection(0), {true, n, 0});
     CHECK(reference::relative_error(after.bottomRows(n - t), expected.bottomRows(n - t)) < 1e-4);
     // Gradients stay finite with the huge key (double: the backward sweeps rescale too).

@@ -121,8 +121,8 @@ class Favor {
     const std::size_t chunk_buffers = 2 * W::bytes_for<S>(c * d_k) + 2 * W::bytes_for<S>(c * m) +
                                       4 * W::bytes_for<S>(c * f) + 3 * W::bytes_for<S>(c * c) +
                                       2 * W::bytes_for<S>(c * d_v) + 8 * W::bytes_for<S>(c);
-    const std::size_t state = 4 * W::bytes_for<S>(f * d_v) + 4 * W::bytes_for<S>(f) +
-                              W::bytes_for<S>(d_v);
+    const std::size_t state =
+        4 * W::bytes_for<S>(f * d_v) + 4 * W::bytes_for<S>(f) + W::bytes_for<S>(d_v);
     return chunk_buffers + state + W::bytes_for<S>(n_q) + W::bytes_for<S>(n_q / c + 2);
   }
 
@@ -384,6 +384,7 @@ class Favor {
     auto z() { return z_.topRows(rows_); }
     /// Own-shift rows: the shift of row r (valid rows only).
     S shift(Index r) const { return shifts_[r]; }
+    const S* shifts() const { return shifts_; }
     Index rows() const { return rows_; }
     Index valid() const { return valid_; }
 
@@ -417,13 +418,13 @@ class Favor {
     auto enter(Block& qb, Block& kb) {
       rows_ = qb.rows();
       S r = shift_;
+      using Row = Eigen::Map<const Eigen::Array<S, 1, Eigen::Dynamic>>;
       for (Index i = 0; i < rows_; ++i) {
         if (i < kb.valid()) r = std::max(r, kb.shift(i));
         running_[i] = r;
-        for (Index j = 0; j <= i && j < kb.valid(); ++j)
-          e_(i, j) = std::exp(kb.shift(j) - r);
-        for (Index j = std::min(i + 1, kb.valid()); j < rows_; ++j)
-          e_(i, j) = 0;
+        const Index seen = std::min(i + 1, kb.valid());  // keys j ≤ i that are not padding
+        e_.row(i).head(seen).array() = (Row(kb.shifts(), seen) - r).exp();
+        e_.row(i).segment(seen, rows_ - seen).setZero();
       }
       next_ = rows_ > 0 ? running_[rows_ - 1] : shift_;
       auto al = a_.topLeftCorner(rows_, rows_);
@@ -525,7 +526,9 @@ class Favor {
     }
     const S eps = key_epsilon(false);
     if (eps != S(0)) {
-      state.rowwise() += eps * v_sum.row(0);
+      v_sum *= eps;
+      for (Index r = 0; r < state.rows(); ++r)  // (rowwise() += would make a temporary)
+        state.row(r) += v_sum.row(0);
       z.array() += eps * S(k.rows());
     }
     return shift;
