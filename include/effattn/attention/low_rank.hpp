@@ -215,8 +215,23 @@ class LowRank {
     auto d_vp = ws.matrix<S>(saved.values.rows(), saved.values.cols());
     attention_.backward(q, saved.keys, saved.values, out, d_out, saved.attention, d_q, d_kp, d_vp,
                         projected_context(ctx, k.rows()), ws);
-    slots_[slot(ctx.head, false)]->backward(k, ctx.key_length, d_kp, d_k, ws);
-    slots_[slot(ctx.head, true)]->backward(v, ctx.key_length, d_vp, d_v, ws);
+    slots_[slot(ctx.head, false)]->backward(k, ctx.key_length, d_kp, d_k, ws, ctx.worker);
+    slots_[slot(ctx.head, true)]->backward(v, ctx.key_length, d_vp, d_v, ws, ctx.worker);
+  }
+
+  /// Around a parallel backward (AttentionCore calls these): learned projections add their
+  /// gradients into one partial sum per worker, then into the gradient in worker order, so
+  /// repeated calls on the same thread count give the same bits. Without them (a backward
+  /// called directly) gradients are added under a lock.
+  void begin_backward(int workers) {
+    if constexpr (Proj::learned)
+      for (auto& s : slots_)
+        s->begin_backward(workers);
+  }
+  void end_backward() {
+    if constexpr (Proj::learned)
+      for (auto& s : slots_)
+        s->end_backward();
   }
 
  private:

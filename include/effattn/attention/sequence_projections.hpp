@@ -8,6 +8,7 @@
 #include <limits>
 #include <mutex>
 #include <string_view>
+#include <vector>
 
 #include "effattn/core/error.hpp"
 #include "effattn/core/parallel.hpp"
@@ -27,11 +28,60 @@ namespace effattn {
 //   check(component, n)         effattn::Error if n tokens cannot be projected
 //   scratch_bytes(n, w)         workspace its forward or backward takes
 //   forward(x, valid, y, ws)    rows of x at or past `valid` are padding: treated as zero
-//   backward(x, valid, dy, dx, ws)  writes dx (0 on padding); learned projections also add
-//                               to their gradient, safely from several threads at once
+//   backward(x, valid, dy, dx, ws, worker)  writes dx (0 on padding); learned projections
+//                               also add to their gradient: into worker's partial sum
+//                               between begin_backward(workers) and end_backward() (which
+//                               adds the partial sums in worker order), else under a lock
 //   learned                     whether it has parameters (visit_parameters, zero_grad)
 
 namespace detail {
+
+/// A learned projection's gradient and, during a parallel backward, one partial sum per
+/// worker: begin(workers, …) zeroes them, add(worker, f) lets f add to the worker's sum,
+/// end() adds the sums to the gradient in worker order (bitwise reproducible for a fixed
+/// worker count). Outside begin/end, add goes straight to the gradient under a lock.
+template <class S>
+class GradientSums {
+ public:
+  /// The gradient, made (zero, rows × cols) on first use.
+  Matrix<S>& gradient(Index rows, Index cols) {
+    if (gradient_.size() == 0) gradient_.setZero(rows, cols);
+    return gradient_;
+  }
+  const Matrix<S>& gradient() const { return gradient_; }
+  void zero() {
+    if (gradient_.size() > 0) gradient_.setZero();
+  }
+
+  void begin(int workers, Index rows, Index cols) {
+    gradient(rows, cols);
+    if (partial_.size() < static_cast<std::size_t>(workers))
+      partial_.resize(static_cast<std::size_t>(workers));
+    for (auto& p : partial_)
+      p.setZero(rows, cols);
+    active_ = workers;
+  }
+  template <class F>
+  void add(int worker, Index rows, Index cols, F&& f) {
+    if (worker < active_) {
+      f(partial_[static_cast<std::size_t>(worker)]);
+      return;
+    }
+    const std::lock_guard<std::mutex> lock(lock_.mutex);
+    f(gradient(rows, cols));
+  }
+  void end() {
+    for (int w = 0; w < active_; ++w)
+      gradient_ += partial_[static_cast<std::size_t>(w)];
+    active_ = 0;
+  }
+
+ private:
+  Matrix<S> gradient_;
+  std::vector<Matrix<S>> partial_;  // one per worker, kept between calls (no reallocation)
+  int active_ = 0;
+  CopyableMutex lock_;
+};
 
 /// The geometry the windowed projections share (window length = stride = kernel): n tokens
 /// give n/kernel rows; row i reads tokens i·kernel … i·kernel + kernel − 1.
@@ -118,7 +168,8 @@ class DenseProjection {
     detail::sliced_product<false>(y, weight_.leftCols(valid), x.topRows(valid));
   }
 
-  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace& ws) {
+  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace& ws,
+                int worker = 0) {
     Workspace::Frame frame(ws);
     auto d_e = ws.matrix<S>(config_.k, std::min(column_block, std::max<Index>(valid, 1)));
     for (Index j0 = 0; j0 < valid; j0 += column_block) {
@@ -127,21 +178,19 @@ class DenseProjection {
                                     weight_.middleCols(j0, cols).transpose(), dy);
       auto de = d_e.leftCols(cols);
       detail::sliced_product<false>(de, dy, x.middleRows(j0, cols).transpose());
-      const std::lock_guard<std::mutex> lock(lock_.mutex);
-      if (gradient_.size() == 0) gradient_.setZero(config_.k, config_.n_max);
-      gradient_.middleCols(j0, cols) += de;
+      sums_.add(worker, config_.k, config_.n_max,
+                [&](Matrix<S>& g) { g.middleCols(j0, cols) += de; });
     }
     dx.bottomRows(x.rows() - valid).setZero();
   }
+  void begin_backward(int workers) { sums_.begin(workers, config_.k, config_.n_max); }
+  void end_backward() { sums_.end(); }
 
   template <class F>
   void visit_parameters(F&& f, std::string_view label) {
-    if (gradient_.size() == 0) gradient_.setZero(config_.k, config_.n_max);
-    f(label, weight_, gradient_);
+    f(label, weight_, sums_.gradient(config_.k, config_.n_max));
   }
-  void zero_grad() {
-    if (gradient_.size() > 0) gradient_.setZero();
-  }
+  void zero_grad() { sums_.zero(); }
 
   /// E [k × n_max].
   const Matrix<S>& weight() const { return weight_; }
@@ -153,16 +202,16 @@ class DenseProjection {
   }
   /// dE [k × n_max], or an empty matrix until the first backward or visit (a projection
   /// used only for inference never holds a second k × n_max matrix).
-  const Matrix<S>& gradient() const { return gradient_; }
+  const Matrix<S>& gradient() const { return sums_.gradient(); }
 
  private:
   // Tokens per step of backward: dE for this many columns is made in scratch, then added
-  // to the shared gradient under the lock.
+  // to the worker's partial sum.
   static constexpr Index column_block = 256;
 
   Config config_;
-  Matrix<S> weight_, gradient_;
-  detail::CopyableMutex lock_;
+  Matrix<S> weight_;
+  detail::GradientSums<S> sums_;
 };
 
 /// Mean pooling over windows of `kernel` tokens with stride `kernel` (no parameters):
@@ -191,7 +240,7 @@ class MeanPooling : public detail::Windows {
     }
   }
 
-  void backward(ConstView<S>, Index valid, ConstView<S> dy, View<S> dx, Workspace&) {
+  void backward(ConstView<S>, Index valid, ConstView<S> dy, View<S> dx, Workspace&, int = 0) {
     const Index kernel = this->kernel();
     const S inv = S(1) / S(kernel);
     for (Index j = 0; j < dx.rows(); ++j) {
@@ -229,7 +278,7 @@ class MaxPooling : public detail::Windows {
     }
   }
 
-  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace&) {
+  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace&, int = 0) {
     const Index kernel = this->kernel(), w = x.cols();
     dx.setZero();
     for (Index i = 0; i < dy.rows(); ++i) {
@@ -260,7 +309,7 @@ class ConvProjection : public detail::Windows {
   ConvProjection(const Config& config, CounterRng rng) : Windows(config, "ConvProjection") {
     filter_.resize(1, kernel());
     rng.fill_normal(filter_, 1.0 / std::sqrt(double(kernel())));
-    gradient_.setZero(1, kernel());
+    sums_.gradient(1, kernel());
   }
 
   std::size_t scratch_bytes(Index, Index) const { return Workspace::bytes_for<S>(kernel()); }
@@ -273,7 +322,8 @@ class ConvProjection : public detail::Windows {
     }
   }
 
-  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace& ws) {
+  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace& ws,
+                int worker = 0) {
     Workspace::Frame frame(ws);
     const Index kernel = this->kernel();
     auto d_f = ws.matrix<S>(1, kernel);
@@ -285,15 +335,16 @@ class ConvProjection : public detail::Windows {
       window.bottomRows(kernel - count).setZero();
       d_f.leftCols(count).noalias() += dy.row(i) * x.middleRows(first, count).transpose();
     }
-    const std::lock_guard<std::mutex> lock(lock_.mutex);
-    gradient_ += d_f;
+    sums_.add(worker, 1, kernel, [&](Matrix<S>& g) { g += d_f; });
   }
+  void begin_backward(int workers) { sums_.begin(workers, 1, kernel()); }
+  void end_backward() { sums_.end(); }
 
   template <class F>
   void visit_parameters(F&& f, std::string_view label) {
-    f(label, filter_, gradient_);
+    f(label, filter_, sums_.gradient(1, kernel()));
   }
-  void zero_grad() { gradient_.setZero(); }
+  void zero_grad() { sums_.zero(); }
 
   /// The filter f [1 × kernel].
   const Matrix<S>& weight() const { return filter_; }
@@ -303,11 +354,11 @@ class ConvProjection : public detail::Windows {
                     detail::concat("1 × kernel = 1×", kernel()));
     filter_ = f;
   }
-  const Matrix<S>& gradient() const { return gradient_; }
+  const Matrix<S>& gradient() const { return sums_.gradient(); }
 
  private:
-  Matrix<S> filter_, gradient_;
-  detail::CopyableMutex lock_;
+  Matrix<S> filter_;
+  detail::GradientSums<S> sums_;
 };
 
 }  // namespace effattn

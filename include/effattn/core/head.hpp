@@ -29,6 +29,10 @@ struct HeadContext {
   Index key_length = 0;
   Index causal_shift = 0;
   bool causal = false;
+  /// The calling thread's slot in [0, threads) (AttentionCore's parallel loop): a policy that
+  /// adds to state shared by every problem (a learned projection's gradient) keeps one partial
+  /// sum per worker, so that the result does not depend on thread timing.
+  int worker = 0;
 
   /// Keys query row `i` (slice-relative) may see: [0, key_end(i)).
   Index key_end(Index i) const {

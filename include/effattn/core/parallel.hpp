@@ -26,12 +26,17 @@ inline int max_threads() {
   return std::max(1, count.load());
 }
 
-/// Runs body(task, slot) for task = 0 … count−1 on at most `threads` threads. Tasks are
-/// handed out one at a time (dynamic scheduling: tasks of unequal cost balance); `slot`
-/// in [0, threads) is unique to the thread running the task, for per-thread scratch.
+/// How parallel_for hands out tasks. `dynamic`: one at a time to whichever thread is free
+/// (tasks of unequal cost balance). `fixed`: slot s runs tasks s, s + T, s + 2T, … in order
+/// (T slots), so what each slot computes, and in which order, is the same on every call:
+/// per-slot partial sums reduced in slot order are then bitwise reproducible.
+enum class Schedule { dynamic, fixed };
+
+/// Runs body(task, slot) for task = 0 … count−1 on at most `threads` threads; `slot` in
+/// [0, min(threads, count)) is never used by two threads at once, for per-thread scratch.
 /// The first exception thrown by a task is rethrown after every thread has stopped.
 template <class Body>
-void parallel_for(Index count, int threads, Body&& body) {
+void parallel_for(Index count, int threads, Body&& body, Schedule schedule = Schedule::dynamic) {
   if (count <= 0) return;
   threads = static_cast<int>(std::clamp<Index>(count, 1, std::max(threads, 1)));
   std::atomic<int> next_slot{0};
@@ -41,9 +46,7 @@ void parallel_for(Index count, int threads, Body&& body) {
   std::mutex error_mutex;
 #pragma omp parallel num_threads(threads)
   {
-    const int slot = next_slot.fetch_add(1, std::memory_order_relaxed);
-    for (Index task = next_task.fetch_add(1); task < count && !failed.load();
-         task = next_task.fetch_add(1)) {
+    const auto run = [&](Index task, int slot) {
       try {
         body(task, slot);
       } catch (...) {
@@ -51,6 +54,16 @@ void parallel_for(Index count, int threads, Body&& body) {
         if (!error) error = std::current_exception();
         failed.store(true);
       }
+    };
+    if (schedule == Schedule::dynamic) {
+      const int slot = next_slot.fetch_add(1, std::memory_order_relaxed);
+      for (Index task = next_task.fetch_add(1); task < count && !failed.load();
+           task = next_task.fetch_add(1))
+        run(task, slot);
+    } else {  // a team smaller than asked for runs the remaining slots one after another
+      for (int slot = next_slot.fetch_add(1); slot < threads; slot = next_slot.fetch_add(1))
+        for (Index task = slot; task < count && !failed.load(); task += threads)
+          run(task, slot);
     }
   }
   if (error) std::rethrow_exception(error);
