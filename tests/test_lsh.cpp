@@ -449,10 +449,29 @@ TEST_CASE("LSHAttention: bad configuration gives effattn::Error", "[lsh][errors]
   CHECK_THROWS_WITH(L({.rounds = 0}, layout), Catch::Contains("rounds"));
   CHECK_THROWS_WITH(L({.look_back = -1}, layout), Catch::Contains("look_back"));
   CHECK_THROWS_WITH(L({.scale = -1.0}, layout), Catch::Contains("scale"));
+  CHECK_NOTHROW(L({.buckets = L::max_buckets}, layout));
+  CHECK_THROWS_WITH(L({.buckets = L::max_buckets + 2}, layout),
+                    Catch::Contains("'buckets'") && Catch::Contains("at most 4194304"));
+  CHECK_THROWS_WITH(L({.buckets = Index(1) << 40}, layout), Catch::Contains("'buckets'"));
   const L lsh({}, layout);
   CHECK_THROWS_WITH(lsh.validate(10, 12, 4, 4, false),
                     Catch::Contains("n_k") && Catch::Contains("self-attention"));
   CHECK_THROWS_WITH(lsh.validate(10, 10, 5, 4, false), Catch::Contains("d_k"));
   CHECK_THROWS_WITH(lsh.rotation(1, 0, 2), Catch::Contains("head"));
   CHECK_THROWS_WITH(lsh.rotation(0, 4, 2), Catch::Contains("round"));
+}
+
+TEST_CASE("LSHAttention draws the rotations a call needs when the call is planned",
+          "[lsh][rotation]") {
+  // validate() (run by AttentionCore before its parallel region) draws them; the kernel then
+  // only reads: a later, longer call drawn at plan time equals one drawn up front.
+  const Index d = 6;
+  LSHAttention<double> lazy({.chunk = 4, .rounds = 2}, HeadLayout{1, d, d, 9}),
+      eager({.chunk = 4, .rounds = 2}, HeadLayout{1, d, d, 9});
+  const Index wide = eager.plan(400).columns();
+  (void)eager.rotation(0, 0, wide);
+  (void)eager.rotation(0, 1, wide);
+  lazy.validate(40, 40, d, d, false);
+  lazy.validate(400, 400, d, d, false);  // more buckets: more columns, drawn here
+  CHECK(lazy.rotation(0, 1, wide) == eager.rotation(0, 1, wide));
 }

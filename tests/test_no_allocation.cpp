@@ -116,9 +116,9 @@ TEST_CASE("LSHAttention forward and backward allocate nothing once planned", "[l
     auto saved = lsh.make_saved(n, n);
     Workspace ws;
     ws.reserve(lsh.scratch_bytes(n, n, d, d));
+    lsh.validate(n, n, d, d, false);  // planning the call draws the rotations it needs
     for (const bool causal : {false, true}) {
       const HeadContext ctx{0, 0, 0, n - 7, 0, causal};
-      lsh.forward(h.q, h.q, h.v, h.out, nullptr, ctx, ws);  // draws the rotations once
       Eigen::internal::set_is_malloc_allowed(false);
       lsh.forward(h.q, h.q, h.v, h.out, &saved, ctx, ws);
       lsh.backward(h.q, h.q, h.v, h.out, h.d_out, saved, h.dq, h.dk, h.dv, ctx, ws);

@@ -23,9 +23,13 @@ namespace effattn {
 
 /// Reformer's LSH attention (Kitaev et al. 2020, ALGORITHMS.md §4) for one head:
 ///
-///   keys are the unit vectors k̂_j = k_j / ‖k_j‖; logits s · q_i · k̂_j, s = 1/√d_k by default
-///   (Hugging Face's convention; set `scale` = 1 for trax's). In MultiHeadAttention the
-///   policy is shared-QK (`shared_qk`): k = q, one projection serves both.
+///   keys are the unit vectors k̂_j = k_j / ‖k_j‖; logits s · q_i · k̂_j, s = 1/√d_k by default.
+///   That default reproduces the paper's code (trax's efficient_attention.attend normalises
+///   the shared keys, then divides them by √d), Hugging Face's ReformerModel
+///   (_len_and_dim_norm: unit length, then ÷√head_size) and reformer-pytorch (unit keys,
+///   dots · d^{-1/2}). `scale` = 1 gives unit keys without temperature, as no reference
+///   implementation does. In MultiHeadAttention the policy is shared-QK (`shared_qk`):
+///   k = q, one projection serves both.
 ///
 /// Each of `rounds` hash rounds draws a random rotation R (d_k × b/2, N(0, 1)) and puts token
 /// j in bucket argmax([k_j R ; −k_j R]) ∈ [0, b). Tokens are sorted by (bucket, position) with
@@ -61,6 +65,9 @@ class LSHAttention {
   /// MultiHeadAttention computes keys as its queries: no w_k, and k = q here.
   static constexpr bool shared_qk = true;
 
+  /// Most buckets a call may use (ids are int32, and each thread counts every bucket).
+  static constexpr Index max_buckets = Index(1) << 22;
+
   struct Config {
     Index chunk = 64;               ///< tokens per chunk (c)
     Index rounds = 4;               ///< hash rounds (r)
@@ -69,7 +76,7 @@ class LSHAttention {
     Index look_forward = 0;         ///< chunks after it that it sees
     bool same_bucket = false;       ///< also mask keys of other buckets (the paper's formulation)
     bool dedup = false;             ///< subtract log(rounds in which a pair may attend) from logits
-    std::optional<double> scale{};  ///< logit scale; default 1/√d_k
+    std::optional<double> scale{};  ///< logit scale; default 1/√d_k (trax, Hugging Face)
   };
 
   /// What backward reuses: every round's sorted order and buckets, and each row's
@@ -101,6 +108,10 @@ class LSHAttention {
                     "buckets", config_.buckets,
                     "an even number of buckets (angular LSH takes ±xR), 1 (no hashing: one "
                     "bucket), or 0 for about 2n/chunk");
+    detail::require(config_.buckets <= max_buckets, who, "buckets", config_.buckets,
+                    detail::concat("at most ", max_buckets,
+                                   " (bucket ids are 32-bit and each thread counts them; more "
+                                   "buckets than tokens only leaves buckets empty)"));
     detail::require(config_.look_back >= 0, who, "look_back", config_.look_back,
                     "a number of chunks, at least 0");
     detail::require(config_.look_forward >= 0, who, "look_forward", config_.look_forward,
@@ -179,6 +190,9 @@ class LSHAttention {
                     detail::concat("the layout's key width, ", layout_.d_key));
     detail::require(d_v > 0, who, "d_v", d_v, "a head width of at least 1");
     const Index columns = plan(n_q).columns();
+    detail::require(plan(n_q).buckets <= max_buckets, who, "n_q", n_q,
+                    detail::concat("a length whose automatic bucket count (", plan(n_q).buckets,
+                                   ") is at most ", max_buckets, "; set `buckets`"));
     const std::lock_guard<std::mutex> lock(rotations_lock_.mutex);
     for (std::size_t i = 0; i < rotations_.size(); ++i)
       detail::require(
@@ -187,6 +201,10 @@ class LSHAttention {
                          " fixed at ", rotations_[i].matrix.cols(), " columns"),
           detail::concat("at least ", columns, " columns for ", plan(n_q).buckets,
                          " buckets at n = ", n_q));
+    // The call is being planned: draw the columns it needs now, so that the kernels only
+    // read rotations (no drawing, no allocation inside the parallel region).
+    for (std::size_t i = 0; i < rotations_.size(); ++i)
+      grow_rotation(rotations_[i], i, columns);
   }
 
   /// Logits computed (query–key pairs, masked ones included) and tokens hashed since the
@@ -376,17 +394,21 @@ class LSHAttention {
     if (columns == 0) return;  // one bucket: nothing to hash with
     const std::lock_guard<std::mutex> lock(rotations_lock_.mutex);
     Rotation& rot = rotations_[index_of(head, round)];
-    if (!rot.fixed && rot.matrix.cols() < columns) {
-      const Index d = layout_.d_key, old = rot.matrix.cols();
-      Matrix<S> grown(d, columns);
-      if (old > 0) grown.leftCols(old) = rot.matrix;
-      const CounterRng rng(seed_, 0x4c534800ull + index_of(head, round));
-      for (Index j = old; j < columns; ++j)
-        for (Index i = 0; i < d; ++i)
-          grown(i, j) = static_cast<S>(rng.normal(std::uint64_t(j * d + i)));
-      rot.matrix = std::move(grown);
-    }
+    grow_rotation(rot, index_of(head, round), columns);  // validate() drew them already
     dst = rot.matrix.leftCols(columns);
+  }
+
+  // Draws the columns of a rotation not drawn yet (caller holds rotations_lock_).
+  void grow_rotation(Rotation& rot, std::size_t index, Index columns) const {
+    if (rot.fixed || rot.matrix.cols() >= columns) return;
+    const Index d = layout_.d_key, old = rot.matrix.cols();
+    Matrix<S> grown(d, columns);
+    if (old > 0) grown.leftCols(old) = rot.matrix;
+    const CounterRng rng(seed_, 0x4c534800ull + index);
+    for (Index j = old; j < columns; ++j)
+      for (Index i = 0; i < d; ++i)
+        grown(i, j) = static_cast<S>(rng.normal(std::uint64_t(j * d + i)));
+    rot.matrix = std::move(grown);
   }
 
   // argmax over [x ; −x] for x of `half` values: in [0, 2·half).
