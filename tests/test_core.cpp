@@ -41,6 +41,18 @@ TEST_CASE("SequenceShape validation", "[core][shape]") {
   CHECK_THROWS_WITH((SequenceShape{1, 0}.validate("T", "x", 0)), Catch::Contains("x.seq"));
 }
 
+TEST_CASE("SequenceShape: batch·seq that overflows Index is an Error, not a wrapped count",
+          "[core][shape]") {
+  const Index huge = (Index(1) << 61) + 1;  // ·8 wraps to 8
+  CHECK_THROWS_WITH((SequenceShape{huge, 8}.validate("T", "x", 8)),
+                    Catch::Contains("argument 'x'") && Catch::Contains("overflows"));
+  // 2^62·4 wraps to 0, which an empty input would otherwise match.
+  CHECK_THROWS_WITH((SequenceShape{Index(1) << 62, 4}.validate("T", "x", 0)),
+                    Catch::Contains("overflows"));
+  CHECK_THROWS_AS((SequenceShape{huge, 8}.tokens()), Error);
+  CHECK(SequenceShape{3, 7}.tokens() == 21);
+}
+
 TEST_CASE("Philox4x32-10 reproduces the Random123 known-answer vectors", "[core][rng]") {
   // Published test vectors (Random123 kat_vectors): counter, key -> output.
   CHECK(philox4x32({0, 0, 0, 0}, {0, 0}) ==
