@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -54,6 +55,8 @@ class AttentionCore {
                const SequenceShape& q_shape, const SequenceShape& kv_shape, bool keep_saved) {
     check(q, k, v, q_shape, kv_shape);
     check_size(out, q.rows(), layout_.heads * layout_.d_value, "out");
+    for (auto [name, m] : {std::pair{"q", q}, {"k", k}, {"v", v}})
+      detail::require_disjoint("AttentionCore", "out", out, name, m);
     const Index n_q = q_shape.seq, n_k = kv_shape.seq, h = layout_.heads;
     const Index dk = layout_.d_key, dv = layout_.d_value;
     policy_.validate(n_q, n_k, dk, dv, causal);
@@ -87,7 +90,7 @@ class AttentionCore {
                       out.block(b * n_q + q0, head * dv, rows, dv), saved,
                       context(b, head, q0, q_shape, kv_shape), pool_[slot]);
     });
-    last_ = keep_saved ? Last{q_shape.batch, n_q, n_k} : Last{};
+    last_ = keep_saved ? Last{q_shape, kv_shape} : Last{};
   }
 
   /// Backward of the last forward that kept its state, on the same q, k, v, out:
@@ -95,14 +98,8 @@ class AttentionCore {
   void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
                 ConstView<S> d_out, View<S> dq, View<S> dk, View<S> dv,
                 const SequenceShape& q_shape, const SequenceShape& kv_shape) {
-    detail::require(!saved_.empty() && last_.batch == q_shape.batch && last_.n_q == q_shape.seq &&
-                        last_.n_k == kv_shape.seq,
-                    "AttentionCore", "backward",
-                    saved_.empty() ? "called without a forward that kept its state"
-                                   : "called with shapes other than its forward's",
-                    "a forward with keep_saved (set_training(true) on a layer) on the same "
-                    "shapes, then backward");
     check(q, k, v, q_shape, kv_shape);
+    check_backward(q_shape, kv_shape);
     const Index n_q = q_shape.seq, n_k = kv_shape.seq, h = layout_.heads;
     const Index dkw = layout_.d_key, dvw = layout_.d_value;
     check_size(out, q.rows(), h * dvw, "out");
@@ -110,18 +107,49 @@ class AttentionCore {
     check_size(dq, q.rows(), h * dkw, "dq");
     check_size(dk, k.rows(), h * dkw, "dk");
     check_size(dv, v.rows(), h * dvw, "dv");
+    for (auto [name, m] : {std::pair{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"d_out", d_out}}) {
+      detail::require_disjoint("AttentionCore", "dq", dq, name, m);
+      detail::require_disjoint("AttentionCore", "dk", dk, name, m);
+      detail::require_disjoint("AttentionCore", "dv", dv, name, m);
+    }
+    detail::require_disjoint("AttentionCore", "dq", dq, "dk", dk);
+    detail::require_disjoint("AttentionCore", "dq", dq, "dv", dv);
+    detail::require_disjoint("AttentionCore", "dk", dk, "dv", dv);
 
     const int threads = max_threads();
     pool_.resize(threads);
     pool_.reserve_each(policy_.scratch_bytes(n_q, n_k, dkw, dvw));
-    parallel_for(q_shape.batch * h, threads, [&](Index problem, int slot) {
-      const Index b = problem / h, head = problem % h;
-      const auto qb = [&](auto& m, Index w) { return m.block(b * n_q, head * w, n_q, w); };
-      const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
-      policy_.backward(qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw), qb(d_out, dvw),
-                       saved_[static_cast<std::size_t>(problem)], qb(dq, dkw), kb(dk, dkw),
-                       kb(dv, dvw), context(b, head, 0, q_shape, kv_shape), pool_[slot]);
-    });
+    // A policy with parameters shared by every problem adds its gradient per worker (fixed
+    // schedule), then reduces the workers' sums in order: the same bits on every call.
+    constexpr bool reduces = requires(Policy & p) {
+      p.begin_backward(1);
+      p.end_backward();
+    };
+    if constexpr (reduces) policy_.begin_backward(threads);
+    parallel_for(
+        q_shape.batch * h, threads,
+        [&](Index problem, int slot) {
+          const Index b = problem / h, head = problem % h;
+          const auto qb = [&](auto& m, Index w) { return m.block(b * n_q, head * w, n_q, w); };
+          const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
+          HeadContext ctx = context(b, head, 0, q_shape, kv_shape);
+          ctx.worker = slot;
+          policy_.backward(qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw), qb(d_out, dvw),
+                           saved_[static_cast<std::size_t>(problem)], qb(dq, dkw), kb(dk, dkw),
+                           kb(dv, dvw), ctx, pool_[slot]);
+        },
+        reduces ? Schedule::fixed : Schedule::dynamic);
+    if constexpr (reduces) policy_.end_backward();
+  }
+
+  /// Throws unless a backward with these shapes may run: a forward kept its state, on the
+  /// same batch, lengths and padding (the saved state belongs to that masking). Changes nothing.
+  void check_backward(const SequenceShape& q_shape, const SequenceShape& kv_shape) const {
+    detail::require(!saved_.empty(), "AttentionCore", "backward",
+                    "called without a forward that kept its state",
+                    "a forward with keep_saved (set_training(true) on a layer), then backward");
+    same_as_forward(q_shape, last_.q, "q_shape");
+    same_as_forward(kv_shape, last_.kv, "kv_shape");
   }
 
   /// Drops the state kept for backward.
@@ -149,8 +177,26 @@ class AttentionCore {
   static constexpr Index min_split_rows = 64;
 
   struct Last {
-    Index batch = 0, n_q = 0, n_k = 0;
+    SequenceShape q{0, 0}, kv{0, 0};
   };
+
+  static void same_as_forward(const SequenceShape& now, const SequenceShape& then,
+                              const char* name) {
+    constexpr const char* who = "AttentionCore";
+    const std::string arg(name);
+    detail::require(now.batch == then.batch, who, arg + ".batch", now.batch,
+                    detail::concat("the forward's batch, ", then.batch));
+    detail::require(now.seq == then.seq, who, arg + ".seq", now.seq,
+                    detail::concat("the forward's seq, ", then.seq));
+    if (now.lengths.empty() && then.lengths.empty()) return;
+    if (!now.lengths.empty() && static_cast<Index>(now.lengths.size()) != now.batch)
+      return;  // SequenceShape::validate names that mistake
+    for (Index b = 0; b < now.batch; ++b)
+      detail::require(now.valid_length(b) == then.valid_length(b), who,
+                      detail::concat(arg, ".lengths[", b, "]"), now.valid_length(b),
+                      detail::concat("the forward's valid length, ", then.valid_length(b),
+                                     " (backward needs the forward's padding)"));
+  }
 
   HeadContext context(Index b, Index head, Index q0, const SequenceShape& q_shape,
                       const SequenceShape& kv_shape) const {

@@ -59,9 +59,8 @@ class Chunked : public detail::Wrapper<L> {
   }
 
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
-    detail::require_forward(training_ && forwarded_rows_ == x.rows(), "Chunked");
-    detail::require_call("Chunked", x, d_in(), "dx", dx, d_in(), shape);
-    detail::require_matrix("Chunked", "dy", dy, x.rows(), d_out());
+    detail::require_backward_call("Chunked", x, d_in(), dy, d_out(), dx, shape);
+    check_call(shape, true);
     fn_.set_training(true);
     for_each_chunk(x.rows(), [&](Index r0, Index m) {
       Workspace& ws = layer_workspace();
@@ -73,6 +72,13 @@ class Chunked : public detail::Wrapper<L> {
       fn_.release_activations();
     });
     fn_.set_training(false);
+  }
+
+  /// Backward needs a training forward on as many tokens (the layer itself runs on chunks,
+  /// whose shapes it always accepts).
+  void check_call(const SequenceShape& shape, bool backward) const {
+    if (backward)
+      detail::require_forward(training_ && forwarded_rows_ == shape.tokens(), "Chunked");
   }
 
   template <class V>

@@ -88,9 +88,8 @@ class FeedForward {
   }
 
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
-    detail::require_forward(training_ && pre_.rows() == x.rows(), "FeedForward");
-    detail::require_call("FeedForward", x, d_in(), "dx", dx, d_in(), shape);
-    detail::require_matrix("FeedForward", "dy", dy, x.rows(), d_out());
+    detail::require_backward_call("FeedForward", x, d_in(), dy, d_out(), dx, shape);
+    check_call(shape, true);
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
     auto a = ws.matrix<S>(x.rows(), d_ff());
@@ -105,6 +104,12 @@ class FeedForward {
     g_w1_.noalias() += x.transpose() * a;
     if (config_.bias) g_b1_.row(0) += a.colwise().sum();
     dx.noalias() = a * w1_.transpose();
+  }
+
+  /// Backward needs the pre-activation of a training forward on as many tokens.
+  void check_call(const SequenceShape& shape, bool backward) const {
+    if (backward)
+      detail::require_forward(training_ && pre_.rows() == shape.tokens(), "FeedForward");
   }
 
   template <class F>

@@ -8,6 +8,7 @@
 #include <string>
 #include <string_view>
 
+#include "effattn/core/concepts.hpp"
 #include "effattn/core/error.hpp"
 #include "effattn/core/types.hpp"
 
@@ -86,22 +87,29 @@ concept ReversibleLayer = Layer<L> &&
 
 namespace detail {
 
-/// One static_assert per requirement, naming the wrapper that needed a layer.
+/// One static_assert per requirement, naming the wrapper that needed a layer. An attention
+/// policy gets one message of its own (it is the usual mistake) and no other.
 template <class L>
 constexpr bool assert_layer() {
-  static_assert(LayerHasScalar<L>,
+  constexpr bool policy = AttentionPolicy<L>;
+  static_assert(!policy,
+                "effattn: this type is an attention policy, not a layer: a policy computes one "
+                "head; wrap it in the multi-head block, e.g. "
+                "PreNorm<MultiHeadAttention<FullAttention<float>>> instead of "
+                "PreNorm<FullAttention<float>>.");
+  static_assert(policy || LayerHasScalar<L>,
                 "effattn: this type is not a layer: it needs `using Scalar = float;` (or double). "
                 "See effattn/layers/layer.hpp.");
-  static_assert(LayerIsConstructible<L>,
+  static_assert(policy || LayerIsConstructible<L>,
                 "effattn: this type is not a layer: it needs a nested `Config` and a constructor "
                 "from it.");
-  static_assert(LayerStatesShape<L>,
+  static_assert(policy || LayerStatesShape<L>,
                 "effattn: this type is not a layer: it needs `d_in()`, `d_out()` and static "
                 "constexpr `position_wise`.");
-  static_assert(LayerRuns<L>,
+  static_assert(policy || LayerRuns<L>,
                 "effattn: this type is not a layer: it needs `forward(x, y, shape)` and "
                 "`backward(x, dy, dx, shape)`.");
-  static_assert(LayerTrains<L>,
+  static_assert(policy || LayerTrains<L>,
                 "effattn: this type is not a layer: it needs `set_training`, "
                 "`release_activations`, `activation_bytes`, `zero_grad` and "
                 "`visit_parameters(f)`.");
@@ -137,14 +145,51 @@ void require_matrix(const char* component, const char* argument, const M& m, Ind
           concat("a ", rows, "×", cols, " matrix"));
 }
 
-/// Checks a layer call: x is [shape.tokens() × d_in] and y (or dx) is [tokens × width].
+/// Checks a layer call: the input (`x_name`, default x) is [shape.tokens() × d_in] and the
+/// output y (or dx) is [tokens × width], in memory of its own.
 template <class X, class Y>
 void require_call(const char* component, const X& x, Index d_in, const char* y_name, const Y& y,
-                  Index y_cols, const SequenceShape& shape) {
-  require(x.cols() == d_in, component, "x", concat("a matrix of ", x.cols(), " columns"),
-          concat("d_in = ", d_in, " columns"));
+                  Index y_cols, const SequenceShape& shape, const char* x_name = "x") {
+  require(x.cols() == d_in, component, x_name, concat("a matrix of ", x.cols(), " columns"),
+          concat(x_name[0] == 'x' ? "d_in = " : "d_out = ", d_in, " columns"));
   shape.validate(component, "shape", x.rows());
   require_matrix(component, y_name, y, x.rows(), y_cols);
+  require_disjoint(component, y_name, y, x_name, x);
+}
+
+/// Checks a layer's backward(x, dy, dx, shape): as require_call, and dy is [tokens × d_out]
+/// and dx shares memory with neither x nor dy.
+template <class X, class DY, class DX>
+void require_backward_call(const char* component, const X& x, Index d_in, const DY& dy, Index d_out,
+                           const DX& dx, const SequenceShape& shape) {
+  require_call(component, x, d_in, "dx", dx, d_in, shape);
+  require_matrix(component, "dy", dy, x.rows(), d_out);
+  require_disjoint(component, "dx", dx, "dy", dy);
+}
+
+/// Checks backward_from_output(y, dy, x, dx, shape) of a reversible layer or stack: y and dy
+/// are inputs, x and dx outputs, and no output shares memory with another argument.
+template <class Y, class DY, class X, class DX>
+void require_backward_from_output_call(const char* component, const Y& y, Index d_out, const DY& dy,
+                                       const X& x, const DX& dx, Index d_in,
+                                       const SequenceShape& shape) {
+  require_call(component, y, d_out, "x", x, d_in, shape, "y");
+  require_matrix(component, "dy", dy, y.rows(), d_out);
+  require_matrix(component, "dx", dx, y.rows(), d_in);
+  require_disjoint(component, "x", x, "dy", dy);
+  require_disjoint(component, "dx", dx, "y", y);
+  require_disjoint(component, "dx", dx, "dy", dy);
+  require_disjoint(component, "dx", dx, "x", x);
+}
+
+/// A layer may have `check_call(shape, backward) const`: it throws the Error its forward
+/// (backward = false) or backward (true) would throw for this shape beyond the widths and
+/// rows every layer checks, and changes nothing. Stacks and wrappers run it on everything
+/// they hold before their first write, so a rejected call leaves the whole model as it
+/// was. A layer without one accepts every shape its widths allow.
+template <class L>
+void check_call(const L& layer, const SequenceShape& shape, bool backward) {
+  if constexpr (requires { layer.check_call(shape, backward); }) layer.check_call(shape, backward);
 }
 
 /// Backward needs a training forward before it.
@@ -176,6 +221,9 @@ class Wrapper {
   void release_activations() { fn_.release_activations(); }
   std::size_t activation_bytes() const { return fn_.activation_bytes(); }
   void zero_grad() { fn_.zero_grad(); }
+  void check_call(const SequenceShape& shape, bool backward) const {
+    detail::check_call(fn_, shape, backward);
+  }
 
  protected:
   explicit Wrapper(const typename F::Config& config) : fn_(config) {}

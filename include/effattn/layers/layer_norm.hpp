@@ -75,9 +75,8 @@ class LayerNorm {
 
   /// dx = (1/σ)(g − mean(g) − x̂·mean(g ⊙ x̂)) with g = dy ⊙ gamma.
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
-    detail::require_forward(training_ && mean_.rows() == x.rows(), "LayerNorm");
-    detail::require_call("LayerNorm", x, d_in(), "dx", dx, d_in(), shape);
-    detail::require_matrix("LayerNorm", "dy", dy, x.rows(), d_out());
+    detail::require_backward_call("LayerNorm", x, d_in(), dy, d_out(), dx, shape);
+    check_call(shape, true);
     for (Index t = 0; t < x.rows(); ++t) {
       const auto x_hat = (x.row(t).array() - mean_(t, 0)) * inv_std_(t, 0);
       const auto g = dy.row(t).array() * gamma_.row(0).array();
@@ -86,6 +85,11 @@ class LayerNorm {
       const S g_mean = g.mean(), gx_mean = (g * x_hat).mean();
       dx.row(t) = (inv_std_(t, 0) * (g - g_mean - x_hat * gx_mean)).matrix();
     }
+  }
+
+  /// Backward needs the statistics of a training forward on as many tokens.
+  void check_call(const SequenceShape& shape, bool backward) const {
+    if (backward) detail::require_forward(training_ && mean_.rows() == shape.tokens(), "LayerNorm");
   }
 
   template <class F>

@@ -157,6 +157,18 @@ class MultiHeadAttention {
     if constexpr (requires { policy().zero_grad(); }) policy().zero_grad();
   }
 
+  /// What forward (backward) would reject for this self-attention shape beyond widths and
+  /// rows: the policy's limits, and for backward a training forward on the same shape and
+  /// padding (layers/layer.hpp). Changes nothing.
+  void check_call(const SequenceShape& shape, bool backward) const {
+    if (!backward) {
+      policy().validate(shape.seq, shape.seq, d_key(), d_value(), causal);
+      return;
+    }
+    check_saved(true);
+    core_.check_backward(shape, shape);
+  }
+
   std::size_t scratch_peak_bytes() const { return core_.scratch_peak_bytes(); }
   std::size_t scratch_growths() const { return core_.scratch_growths(); }
   void reset_peak() { core_.reset_peak(); }
@@ -214,6 +226,16 @@ class MultiHeadAttention {
                     detail::concat("the query batch, ", q_shape.batch));
   }
 
+  void check_saved(bool self) const {
+    detail::require(training_ && core_.has_saved(), "MultiHeadAttention", "backward",
+                    "called without a preceding training forward",
+                    "set_training(true), then forward, then backward");
+    detail::require(last_self_ == self, "MultiHeadAttention", "backward",
+                    self ? "self-attention after a cross-attention forward"
+                         : "cross-attention after a self-attention forward",
+                    "the same kind of call as the forward");
+  }
+
   static void project(ConstView<S> in, const Matrix<S>& w, const Matrix<S>& b, View<S> out) {
     out.noalias() = in * w;
     if (b.size() > 0) out.rowwise() += b.row(0);
@@ -228,8 +250,11 @@ class MultiHeadAttention {
 
   void run_forward(ConstView<S> x, ConstView<S> context, View<S> y, const SequenceShape& q_shape,
                    const SequenceShape& kv_shape, bool self) {
+    constexpr const char* who = "MultiHeadAttention";
     check_inputs(x, context, q_shape, kv_shape, self);
     check_size(y, x.rows(), d_model(), "y");
+    detail::require_disjoint(who, "y", y, "x", x);
+    if (!self) detail::require_disjoint(who, "y", y, "context", context);
     // Every check before the first write: a rejected call must leave the state of the last
     // training forward intact for its backward.
     policy().validate(q_shape.seq, kv_shape.seq, d_key(), d_value(), causal);
@@ -253,17 +278,21 @@ class MultiHeadAttention {
   void run_backward(ConstView<S> x, ConstView<S> context, ConstView<S> dy, View<S> dx,
                     View<S> d_context, const SequenceShape& q_shape, const SequenceShape& kv_shape,
                     bool self) {
-    detail::require(training_ && core_.has_saved(), "MultiHeadAttention", "backward",
-                    "called without a preceding training forward",
-                    "set_training(true), then forward, then backward");
-    detail::require(last_self_ == self, "MultiHeadAttention", "backward",
-                    self ? "self-attention after a cross-attention forward"
-                         : "cross-attention after a self-attention forward",
-                    "the same kind of call as the forward");
+    constexpr const char* who = "MultiHeadAttention";
+    check_saved(self);
     check_inputs(x, context, q_shape, kv_shape, self);
+    core_.check_backward(q_shape, kv_shape);
     check_size(dy, x.rows(), d_model(), "dy");
     check_size(dx, x.rows(), d_model(), "dx");
-    if (!self) check_size(d_context, context.rows(), config_.d_context, "d_context");
+    detail::require_disjoint(who, "dx", dx, "x", x);
+    detail::require_disjoint(who, "dx", dx, "dy", dy);
+    if (!self) {
+      check_size(d_context, context.rows(), config_.d_context, "d_context");
+      detail::require_disjoint(who, "dx", dx, "context", context);
+      for (auto [name, m] : {std::pair{"x", x}, {"context", context}, {"dy", dy}})
+        detail::require_disjoint(who, "d_context", d_context, name, m);
+      detail::require_disjoint(who, "d_context", d_context, "dx", dx);
+    }
 
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);

@@ -41,10 +41,13 @@ class Residual : public detail::Wrapper<F> {
 
   void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
     detail::require_call("Residual", x, d_in(), "y", y, d_out(), shape);
+    this->check_call(shape, false);
     fn_.forward(x, y, shape);
     y += x;
   }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
+    detail::require_backward_call("Residual", x, d_in(), dy, d_out(), dx, shape);
+    this->check_call(shape, true);
     fn_.backward(x, dy, dx, shape);
     dx += dy;
   }
@@ -104,6 +107,7 @@ class PreNorm : public detail::Wrapper<F> {
 
   void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
     detail::require_call("PreNorm", x, d_in(), "y", y, d_out(), shape);
+    check_call(shape, false);
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
     View<S> z = training_ ? (z_.resize(x.rows(), d_in()), View<S>(z_))
@@ -113,13 +117,22 @@ class PreNorm : public detail::Wrapper<F> {
     held_.set(sizeof(S) * static_cast<std::size_t>(z_.size()));
   }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
-    detail::require_forward(training_ && z_.rows() == x.rows(), "PreNorm");
+    detail::require_backward_call("PreNorm", x, d_in(), dy, d_out(), dx, shape);
+    check_call(shape, true);
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
     auto dz = ws.matrix<S>(x.rows(), d_in());
     fn_.backward(z_, dy, dz, shape);
     norm_.backward(x, dz, dx, shape);
   }
+  void check_call(const SequenceShape& shape, bool backward) const {
+    if (backward) {
+      detail::require_forward(training_ && z_.rows() == shape.tokens(), "PreNorm");
+      detail::check_call(norm_, shape, true);
+    }
+    detail::check_call(fn_, shape, backward);
+  }
+
   template <class V>
   void visit_parameters(V&& f) {
     detail::visit_prefixed(norm_, "norm", f);

@@ -74,6 +74,14 @@ class Reversible {
     f_.zero_grad();
     g_.zero_grad();
   }
+  /// F and G run forward in every call (backward recomputes them); backward through the
+  /// Layer interface also needs the output of a training forward.
+  void check_call(const SequenceShape& shape, bool backward) const {
+    if (backward) detail::require_forward(training_ && y_.rows() == shape.tokens(), "Reversible");
+    detail::check_call(f_, shape, false);
+    detail::check_call(g_, shape, false);
+  }
+
   template <class V>
   void visit_parameters(V&& v) {
     detail::visit_prefixed(f_, "f", v);
@@ -82,6 +90,7 @@ class Reversible {
 
   void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
     check(x, "y", y, shape);
+    check_call(shape, false);
     const Index d = half();
     f_.forward(x.rightCols(d), y.leftCols(d), shape);
     y.leftCols(d) += x.leftCols(d);
@@ -96,6 +105,7 @@ class Reversible {
   /// x = the input whose forward is y.
   void inverse(ConstView<S> y, View<S> x, const SequenceShape& shape) {
     check(y, "x", x, shape);
+    check_call(shape, false);
     const Index d = half();
     undo(g_, y.leftCols(d), y.rightCols(d), x.rightCols(d), shape);  // x2 = y2 − G(y1)
     undo(f_, x.rightCols(d), y.leftCols(d), x.leftCols(d), shape);   // x1 = y1 − F(x2)
@@ -105,9 +115,8 @@ class Reversible {
   /// adds to F's and G's parameter gradients.
   void backward_from_output(ConstView<S> y, ConstView<S> dy, View<S> x, View<S> dx,
                             const SequenceShape& shape) {
-    check(y, "x", x, shape);
-    detail::require_matrix("Reversible", "dy", dy, y.rows(), d_out());
-    detail::require_matrix("Reversible", "dx", dx, y.rows(), d_in());
+    detail::require_backward_from_output_call("Reversible", y, d_out(), dy, x, dx, d_in(), shape);
+    check_call(shape, false);
     const Index d = half();
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
@@ -122,7 +131,8 @@ class Reversible {
 
   /// The Layer interface: from the output kept by the training forward.
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
-    detail::require_forward(training_ && y_.rows() == x.rows(), "Reversible");
+    detail::require_backward_call("Reversible", x, d_in(), dy, d_out(), dx, shape);
+    check_call(shape, true);
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
     auto rebuilt = ws.matrix<S>(x.rows(), d_in());
@@ -133,9 +143,8 @@ class Reversible {
   template <class Out>
   void check(ConstView<S> in, const char* out_name, const Out& out,
              const SequenceShape& shape) const {
-    detail::require_call("Reversible", in, d_in(), out_name, out, d_out(), shape);
-    detail::require(in.data() != out.data(), "Reversible", out_name, "the input's own memory",
-                    "a separate matrix (the halves are read after they are written)");
+    detail::require_call("Reversible", in, d_in(), out_name, out, d_out(), shape,
+                         out_name[0] == 'x' ? "y" : "x");
   }
 
   // rebuilt = sum − H(in); with a gradient d_sum, also d_in = (∂H/∂in)ᵀ d_sum (H trains
@@ -183,8 +192,7 @@ class Duplicate : public detail::Stateless {
     y.rightCols(width_) = x;
   }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
-    detail::require_call("Duplicate", x, d_in(), "dx", dx, d_in(), shape);
-    detail::require_matrix("Duplicate", "dy", dy, x.rows(), d_out());
+    detail::require_backward_call("Duplicate", x, d_in(), dy, d_out(), dx, shape);
     dx = dy.leftCols(width_) + dy.rightCols(width_);
   }
 
@@ -221,8 +229,7 @@ class MergeHalves : public detail::Stateless {
       y = x;
   }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
-    detail::require_call("MergeHalves", x, d_in(), "dx", dx, d_in(), shape);
-    detail::require_matrix("MergeHalves", "dy", dy, x.rows(), d_out());
+    detail::require_backward_call("MergeHalves", x, d_in(), dy, d_out(), dx, shape);
     const Index d = config_.width;
     if (config_.merge == Merge::mean) {
       dx.leftCols(d) = S(0.5) * dy;

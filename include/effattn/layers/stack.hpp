@@ -65,15 +65,21 @@ class StackOps {
 
   void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
     require_call(Derived::name, x, d_in(), "y", y, d_out(), shape);
+    check_call(shape, false);
     const Index n = self().count();
     if (training_ && !Derived::reversible) {  // keep every block's input
-      inputs_.resize(static_cast<std::size_t>(n - 1));
-      for (Index i = 0; i < n; ++i) {
-        if (i + 1 < n) inputs_[i].resize(x.rows(), width_out(i));
-        ConstView<S> in = i == 0 ? x : ConstView<S>(inputs_[i - 1]);
-        View<S> out = i + 1 == n ? y : View<S>(inputs_[i]);
-        self().visit(i, [&](auto& b) { b.forward(in, out, shape); });
-        held_.set(kept_bytes());
+      try {
+        inputs_.resize(static_cast<std::size_t>(n - 1));
+        for (Index i = 0; i < n; ++i) {
+          if (i + 1 < n) inputs_[i].resize(x.rows(), width_out(i));
+          ConstView<S> in = i == 0 ? x : ConstView<S>(inputs_[i - 1]);
+          View<S> out = i + 1 == n ? y : View<S>(inputs_[i]);
+          self().visit(i, [&](auto& b) { b.forward(in, out, shape); });
+          held_.set(kept_bytes());
+        }
+      } catch (...) {  // past the checks (e.g. out of memory): keep nothing half-made
+        release_activations();
+        throw;
       }
       return;
     }
@@ -92,11 +98,8 @@ class StackOps {
   }
 
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
-    const bool kept = Derived::reversible ? top_.rows() == x.rows()
-                                          : inputs_.size() + 1 == std::size_t(self().count());
-    require_forward(training_ && kept, Derived::name);
-    require_call(Derived::name, x, d_in(), "dx", dx, d_in(), shape);
-    require_matrix(Derived::name, "dy", dy, x.rows(), d_out());
+    require_backward_call(Derived::name, x, d_in(), dy, d_out(), dx, shape);
+    check_call(shape, true);
     if constexpr (Derived::reversible) {
       Workspace& ws = layer_workspace();
       const Workspace::Frame frame(ws);
@@ -123,10 +126,19 @@ class StackOps {
     }
   }
 
+  /// Runs every block's check (layers/layer.hpp): a call the stack would reject fails here,
+  /// before any block has run. A reversible stack's backward runs its blocks forward again.
+  void check_call(const SequenceShape& shape, bool backward) const {
+    if (backward) require_forward(training_ && kept(shape.tokens()), Derived::name);
+    for_each(
+        [&](const auto& b) { detail::check_call(b, shape, backward && !Derived::reversible); });
+  }
+
   /// Reversible stacks: x = the input whose forward is y.
   void inverse(ConstView<S> y, View<S> x, const SequenceShape& shape) {
     static_assert(Derived::reversible, "effattn: inverse needs a stack of reversible blocks");
-    require_call(Derived::name, y, d_out(), "x", x, d_in(), shape);
+    require_call(Derived::name, y, d_out(), "x", x, d_in(), shape, "y");
+    check_call(shape, false);
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
     auto a = ws.matrix<S>(y.rows(), widest()), b = ws.matrix<S>(y.rows(), widest());
@@ -143,9 +155,8 @@ class StackOps {
                             const SequenceShape& shape) {
     static_assert(Derived::reversible,
                   "effattn: backward_from_output needs a stack of reversible blocks");
-    require_call(Derived::name, y, d_out(), "x", x, d_in(), shape);
-    require_matrix(Derived::name, "dy", dy, y.rows(), d_out());
-    require_matrix(Derived::name, "dx", dx, y.rows(), d_in());
+    require_backward_from_output_call(Derived::name, y, d_out(), dy, x, dx, d_in(), shape);
+    check_call(shape, false);
     walk_down(y, dy, x, dx, shape);
   }
 
@@ -187,6 +198,12 @@ class StackOps {
     for (Index i = 0; i < self().count(); ++i)
       w = std::max({w, width_in(i), width_out(i)});
     return w;
+  }
+  // What a training forward on `rows` tokens kept for backward is all there.
+  bool kept(Index rows) const {
+    if (Derived::reversible) return top_.rows() == rows;
+    return inputs_.size() + 1 == std::size_t(self().count()) &&
+           (inputs_.empty() || inputs_.front().rows() == rows);
   }
   std::size_t kept_bytes() const {
     std::size_t bytes = sizeof(S) * static_cast<std::size_t>(top_.size());
