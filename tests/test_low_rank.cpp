@@ -6,6 +6,11 @@
 #include <map>
 #include <string>
 #include <string_view>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "effattn/attention/low_rank.hpp"
 #include "effattn/core/rng.hpp"
@@ -487,4 +492,54 @@ TEST_CASE("LowRank: bad configuration and input give effattn::Error", "[lowrank]
   y.setZero();
   CHECK_THROWS_WITH(block.forward(x, y, {1, 17}), Catch::Contains("at most n_max = 16"));
   CHECK(y.isZero());
+}
+
+TEMPLATE_TEST_CASE("LowRank gradients: the same bits on every call for a fixed thread count",
+                   "[lowrank][determinism]", (LowRank<float, DenseProjection>),
+                   (LowRank<float, ConvProjection>)) {
+  // Learned projections are shared by every (sequence, head) problem of a call; each worker
+  // thread sums its problems' gradients apart and the sums are added in worker order.
+  using Policy = TestType;
+  for (const auto sharing :
+       {ProjectionSharing::headwise, ProjectionSharing::layerwise, ProjectionSharing::none}) {
+    CAPTURE(int(sharing), max_threads());
+    typename Policy::Config policy;
+    policy.sharing = sharing;
+    if constexpr (requires { policy.projection.n_max; })
+      policy.projection = {.k = 16, .n_max = 64};
+    else
+      policy.projection = {.kernel = 4};
+    MultiHeadAttention<Policy> block({.d_model = 32, .heads = 4, .seed = 1, .policy = policy});
+    const SequenceShape shape{6, 64, {64, 50, 64, 33, 64, 64}};
+    Matrix<float> x(shape.tokens(), 32), dy(shape.tokens(), 32), y(shape.tokens(), 32);
+    CounterRng(1).fill_normal(x);
+    CounterRng(2).fill_normal(dy);
+    auto run = [&] {
+      Matrix<float> dx(shape.tokens(), 32);
+      block.zero_grad();
+      block.set_training(true);
+      block.forward(x, y, shape);
+      block.backward(x, dy, dx, shape);
+      std::vector<Matrix<float>> grads{dx};
+      block.visit_parameters(
+          [&](std::string_view, auto&, Matrix<float>& g) { grads.push_back(g); });
+      return grads;
+    };
+    const auto first = run();
+    for (int repeat = 0; repeat < 3; ++repeat) {
+      const auto again = run();
+      REQUIRE(again.size() == first.size());
+      for (std::size_t i = 0; i < first.size(); ++i)
+        CHECK(again[i] == first[i]);  // bitwise
+    }
+#ifdef _OPENMP
+    // Another thread count changes the order of the sums only: equal to rounding.
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const auto serial = run();
+    omp_set_num_threads(threads);
+    for (std::size_t i = 0; i < first.size(); ++i)
+      CHECK(reference::relative_error(serial[i], first[i]) < 1e-5);
+#endif
+  }
 }
