@@ -184,3 +184,16 @@ TEST_CASE("No call works in place: an output sharing memory with an input is an 
   Matrix<float> q = random<float>(6, 4, 5), context = random<float>(6, 4, 6);
   rejects([&] { cross.forward(q, context, context, shape, shape); });
 }
+
+TEST_CASE("A batch·seq that overflows is an Error at the block, not an out-of-range index",
+          "[failed_calls][shape]") {
+  MultiHeadAttention<FullAttention<float>> block({.d_model = 4, .heads = 2});
+  Matrix<float> x = random<float>(8, 4, 1), y(8, 4);
+  const Index huge = (Index(1) << 61) + 1;  // ·8 wraps to 8 rows
+  CHECK_THROWS_WITH(block.forward(x, y, SequenceShape{huge, 8, {}}), Contains("overflows"));
+  Matrix<float> q(8, 4), out(8, 4);
+  AttentionCore<FullAttention<float>> core({}, HeadLayout{2, 2, 2, 0});
+  CHECK_THROWS_WITH(
+      core.forward(q, q, q, out, SequenceShape{huge, 8, {}}, SequenceShape{huge, 8, {}}, false),
+      Contains("overflows"));
+}
