@@ -456,7 +456,8 @@ TEST_CASE("Layers reject bad configuration and bad calls with effattn::Error", "
   Block<float> block(block_config<float>(4));
   Matrix<float> z(6, 8);
   z.setOnes();
-  CHECK_THROWS_WITH(block.forward(z, z, SequenceShape{1, 6, {}}), Contains("shares memory with 'x'"));
+  CHECK_THROWS_WITH(block.forward(z, z, SequenceShape{1, 6, {}}),
+                    Contains("shares memory with 'x'"));
 
   // a rejected call leaves a training forward's state usable
   ff.set_training(true);
