@@ -51,8 +51,9 @@ enum class ProjectionSharing {
 /// zero_grad) and hands it out by shared_projection(); pass that to the other layers'
 /// Config::shared and they use it (adding their gradients to it) without visiting it, so an
 /// optimiser updates it once. Copying a LowRank copies its own projections and keeps
-/// sharing a layerwise one (the copy does not visit it). Gradients are added under a lock per
-/// projection, so with several threads their last bits depend on the order heads finish.
+/// sharing a layerwise one (the copy does not visit it). Under AttentionCore each worker
+/// thread sums its problems' projection gradients apart and the sums are added in worker
+/// order (begin_backward/end_backward), so repeated calls give the same bits.
 template <class S = float, template <class> class Projection = DenseProjection>
 class LowRank {
  public:

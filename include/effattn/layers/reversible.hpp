@@ -22,8 +22,9 @@ namespace effattn {
 /// (Repeat, Sequential) holds only its top output, whatever its depth. Recomputation must
 /// reproduce the forward: do not redraw a policy's random features or rotations between a
 /// forward and its backward. Used alone in training, the block keeps its output (T × 2d).
-/// x and y (dx and dy) must not overlap. F and G are built from the configs as given (give
-/// them different seeds); Repeat and Sequential give every block its own seeds.
+/// No argument may share memory with another (the library's rule; an Error says so). F and G are
+/// built from the configs as given (give them different seeds); Repeat and Sequential give every
+/// block its own seeds.
 template <class F, class G>
 class Reversible {
   static_assert(detail::assert_layer<F>(), "Reversible<F, G>: F must be a layer");
