@@ -461,10 +461,12 @@ TEST_CASE("LSHAttention: bad configuration gives effattn::Error", "[lsh][errors]
   CHECK_THROWS_WITH(lsh.rotation(0, 4, 2), Catch::Contains("round"));
 }
 
-TEST_CASE("LSHAttention draws the rotations a call needs when the call is planned",
+TEST_CASE("LSHAttention: rotations drawn when a call is planned equal those drawn up front",
           "[lsh][rotation]") {
-  // validate() (run by AttentionCore before its parallel region) draws them; the kernel then
-  // only reads: a later, longer call drawn at plan time equals one drawn up front.
+  // validate() (run by AttentionCore before its parallel region) draws the columns a call
+  // needs, in steps as longer calls come; the numbers must not depend on when they were
+  // drawn. (That the kernels then draw nothing is checked by test_no_allocation.cpp, which
+  // plans with validate() and runs forward and backward with Eigen's allocator disabled.)
   const Index d = 6;
   LSHAttention<double> lazy({.chunk = 4, .rounds = 2}, HeadLayout{1, d, d, 9}),
       eager({.chunk = 4, .rounds = 2}, HeadLayout{1, d, d, 9});

@@ -90,7 +90,7 @@ class Reversible {
   }
 
   void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
-    check(x, "y", y, shape);
+    check(x, "x", "y", y, shape);
     check_call(shape, false);
     const Index d = half();
     f_.forward(x.rightCols(d), y.leftCols(d), shape);
@@ -105,7 +105,7 @@ class Reversible {
 
   /// x = the input whose forward is y.
   void inverse(ConstView<S> y, View<S> x, const SequenceShape& shape) {
-    check(y, "x", x, shape);
+    check(y, "y", "x", x, shape);
     check_call(shape, false);
     const Index d = half();
     undo(g_, y.leftCols(d), y.rightCols(d), x.rightCols(d), shape);  // x2 = y2 − G(y1)
@@ -142,10 +142,9 @@ class Reversible {
 
  private:
   template <class Out>
-  void check(ConstView<S> in, const char* out_name, const Out& out,
+  void check(ConstView<S> in, const char* in_name, const char* out_name, const Out& out,
              const SequenceShape& shape) const {
-    detail::require_call("Reversible", in, d_in(), out_name, out, d_out(), shape,
-                         out_name[0] == 'x' ? "y" : "x");
+    detail::require_call("Reversible", in, d_in(), out_name, out, d_out(), shape, in_name);
   }
 
   // rebuilt = sum − H(in); with a gradient d_sum, also d_in = (∂H/∂in)ᵀ d_sum (H trains
