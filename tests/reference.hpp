@@ -10,7 +10,11 @@
 #include <string>
 #include <type_traits>
 
-#include "effattn/attention/feature_maps.hpp"
+#include "effattn/attention/feature_maps/hyperbolic_softmax_features.hpp"
+#include "effattn/attention/feature_maps/positive_softmax_features.hpp"
+#include "effattn/attention/feature_maps/relu_features.hpp"
+#include "effattn/attention/feature_maps/trigonometric_features.hpp"
+#include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 
 namespace effattn::reference {

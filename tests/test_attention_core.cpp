@@ -3,9 +3,9 @@
 
 #include <cmath>
 
+#include "effattn/attention/attention_core.hpp"
 #include "effattn/attention/full_attention.hpp"
-#include "effattn/core/rng.hpp"
-#include "effattn/layers/attention_core.hpp"
+#include "effattn/core/counter_rng.hpp"
 #include "reference.hpp"
 
 using namespace effattn;

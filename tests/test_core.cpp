@@ -8,12 +8,15 @@
 #include <stdexcept>
 #include <vector>
 
+#include "effattn/core/aliasing.hpp"
+#include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
 #include "effattn/core/parallel.hpp"
-#include "effattn/core/rng.hpp"
+#include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/softmax.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
+#include "effattn/core/workspace_pool.hpp"
 
 using namespace effattn;
 

@@ -4,8 +4,11 @@
 #include <cmath>
 #include <vector>
 
-#include "effattn/attention/feature_maps.hpp"
-#include "effattn/attention/random_features.hpp"
+#include "effattn/attention/favor/random_features.hpp"
+#include "effattn/attention/feature_maps/hyperbolic_softmax_features.hpp"
+#include "effattn/attention/feature_maps/positive_softmax_features.hpp"
+#include "effattn/attention/feature_maps/relu_features.hpp"
+#include "effattn/attention/feature_maps/trigonometric_features.hpp"
 #include "reference.hpp"
 
 using namespace effattn;

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "effattn/attention/full_attention.hpp"
-#include "effattn/core/rng.hpp"
+#include "effattn/core/counter_rng.hpp"
 #include "reference.hpp"
 
 using namespace effattn;

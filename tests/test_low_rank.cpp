@@ -12,9 +12,9 @@
 #include <omp.h>
 #endif
 
+#include "effattn/attention/attention_core.hpp"
 #include "effattn/attention/low_rank.hpp"
-#include "effattn/core/rng.hpp"
-#include "effattn/layers/attention_core.hpp"
+#include "effattn/core/counter_rng.hpp"
 #include "effattn/layers/multi_head_attention.hpp"
 #include "reference.hpp"
 

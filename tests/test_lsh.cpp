@@ -10,10 +10,10 @@
 #include <string_view>
 #include <vector>
 
+#include "effattn/attention/attention_core.hpp"
 #include "effattn/attention/full_attention.hpp"
 #include "effattn/attention/lsh.hpp"
-#include "effattn/core/rng.hpp"
-#include "effattn/layers/attention_core.hpp"
+#include "effattn/core/counter_rng.hpp"
 #include "effattn/layers/multi_head_attention.hpp"
 #include "reference.hpp"
 

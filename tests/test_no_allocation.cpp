@@ -7,10 +7,11 @@
 #include <catch2/catch.hpp>
 
 #include "effattn/attention/favor.hpp"
+#include "effattn/attention/feature_maps/hyperbolic_softmax_features.hpp"
 #include "effattn/attention/full_attention.hpp"
 #include "effattn/attention/low_rank.hpp"
 #include "effattn/attention/lsh.hpp"
-#include "effattn/core/rng.hpp"
+#include "effattn/core/counter_rng.hpp"
 
 using namespace effattn;
 

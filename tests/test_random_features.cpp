@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "effattn/attention/random_features.hpp"
+#include "effattn/attention/favor/random_features.hpp"
 #include "reference.hpp"
 
 using namespace effattn;

@@ -9,14 +9,19 @@
 #include <utility>
 #include <vector>
 
-#include "effattn/attention/feature_maps.hpp"
-#include "effattn/attention/random_features.hpp"
-#include "effattn/core/concepts.hpp"
+#include "effattn/attention/attention_policy.hpp"
+#include "effattn/attention/favor/causal_prefix.hpp"
+#include "effattn/attention/favor/feature_block.hpp"
+#include "effattn/attention/favor/random_features.hpp"
+#include "effattn/attention/feature_maps/feature_map.hpp"
+#include "effattn/attention/feature_maps/positive_softmax_features.hpp"
+#include "effattn/attention/feature_maps/relu_features.hpp"
+#include "effattn/attention/head_context.hpp"
+#include "effattn/attention/head_layout.hpp"
+#include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
-#include "effattn/core/head.hpp"
 #include "effattn/core/parallel.hpp"
 #include "effattn/core/product.hpp"
-#include "effattn/core/rng.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 
@@ -40,11 +45,11 @@ namespace effattn {
 /// change the function). A row whose normaliser is 0 gives 0. W is not trained; it is drawn
 /// from the block's seed, redrawn on request and readable and settable. Queries and keys of a
 /// head always share W.
-template <class S = float, class FeatureMap = PositiveSoftmaxFeatures>
+template <class S = float, FeatureMap Features = PositiveSoftmaxFeatures>
 class Favor {
  public:
   using Scalar = S;
-  using Map = FeatureMap;
+  using Map = Features;  ///< the feature map φ
   static constexpr const char* name = "favor";
   static constexpr bool supports_causal = true;
   static constexpr bool supports_cross_attention = true;  // bidirectional only
@@ -56,7 +61,7 @@ class Favor {
     FeatureNorms norms = FeatureNorms::regular;
     bool per_head = false;            ///< one W per head, or one shared by the heads of the layer
     Index chunk = 128;                ///< tokens per chunk (causal prefix sums, and feature blocks)
-    std::optional<double> epsilon{};  ///< added to every feature; default FeatureMap's
+    std::optional<double> epsilon{};  ///< added to every feature; default the map's
   };
   struct Saved {
     std::size_t bytes() const { return 0; }  // everything is recomputed in backward
@@ -71,14 +76,14 @@ class Favor {
     detail::require(layout_.d_key > 0 && layout_.heads > 0, who, "layout",
                     detail::concat(layout_.heads, " heads of width ", layout_.d_key),
                     "at least one head of width at least 1");
-    epsilon_ = static_cast<S>(config_.epsilon.value_or(FeatureMap::default_epsilon));
+    epsilon_ = static_cast<S>(config_.epsilon.value_or(Map::default_epsilon));
     redraw(layout_.seed);
   }
 
   const Config& config() const { return config_; }
   Index features() const { return config_.features; }
-  /// Feature width: features() random directions, FeatureMap::width features each.
-  Index feature_width() const { return FeatureMap::width * config_.features; }
+  /// Feature width: features() random directions, Map::width features each.
+  Index feature_width() const { return Map::width * config_.features; }
   /// Number of W matrices: heads when per_head, else 1.
   Index projections() const { return static_cast<Index>(w_.size()); }
   const Matrix<S>& projection(Index head) const { return w_[index_of(head)]; }
@@ -136,7 +141,7 @@ class Favor {
     out.setZero();
     if (keys == 0) return;
     // Blocks hold what a loop fills: query chunks, key chunks (causal: the query chunks).
-    Block qb(*this, ws, std::min(c, n_q), w.cols()), kb(*this, ws, std::min(c, k.rows()), w.cols());
+    Block qb = block(ws, std::min(c, n_q)), kb = block(ws, std::min(c, k.rows()));
     auto state = ws.matrix<S>(f, d_v);  // Σ K'ᵀV
     auto z = ws.matrix<S>(1, f);        // Σ K'
     auto den = ws.matrix<S>(std::min(c, n_q), 1);
@@ -186,7 +191,7 @@ class Favor {
     d_k.setZero();
     d_v.setZero();
     if (keys == 0) return;
-    Block qb(*this, ws, std::min(c, n_q), w.cols()), kb(*this, ws, std::min(c, k.rows()), w.cols());
+    Block qb = block(ws, std::min(c, n_q)), kb = block(ws, std::min(c, k.rows()));
     auto state = ws.matrix<S>(f, dv);
     auto z = ws.matrix<S>(1, f);
     auto r_state = ws.matrix<S>(f, dv);  // Σ Q'ᵀ dnum over the queries that see a key
@@ -313,170 +318,13 @@ class Favor {
 
  private:
   static constexpr S minus_infinity = -std::numeric_limits<S>::infinity();
+  using Block = detail::favor::FeatureBlock<S, Map>;
+  using Prefix = detail::favor::CausalPrefix<S>;
+  using Shift = detail::favor::Shift;
 
-  // How a block of rows is stabilised: `own`, each row by its own largest log-feature (kept
-  // in shifts()); `common`, every row by one value at least as large as all of theirs.
-  enum class Shift { own, common };
-
-  // Features of a block of rows, with what backward needs: the scaled inputs and projections.
-  class Block {
-   public:
-    Block(const Favor& favor, Workspace& ws, Index capacity, Index d)
-        : favor_(favor),
-          xs_(ws.matrix<S>(capacity, d)),
-          z_(ws.matrix<S>(capacity, favor.features())),
-          phi_(ws.matrix<S>(capacity, favor.feature_width())),
-          shifts_(ws.take<S>(capacity)),
-          capacity_(capacity) {}
-
-    /// Features of `x` (rows of q or k) plus `epsilon`; rows at or past `valid` get zero
-    /// features. Shift::common subtracts max(floor, the valid rows' largest log-feature),
-    /// which it returns (−∞ when no row is valid).
-    template <class X>
-    S compute(const X& x, const Matrix<S>& w, Shift mode, S epsilon, Index valid = -1,
-              S floor = minus_infinity) {
-      rows_ = x.rows();
-      eigen_assert(rows_ <= capacity_);
-      epsilon_ = epsilon;
-      valid_ = valid < 0 ? rows_ : valid;
-      const Index m = favor_.features();
-      xs().noalias() = favor_.input_scale() * x;
-      mul<false>(z(), xs(), w.transpose());
-      S common = floor;
-      for (Index r = 0; r < valid_; ++r) {
-        shifts_[r] = FeatureMap::log_max(&z_(r, 0), m, half_norm(r));
-        common = std::max(common, shifts_[r]);
-      }
-      for (Index r = 0; r < rows_; ++r) {
-        if (r >= valid_) {
-          phi().row(r).setZero();
-          continue;
-        }
-        FeatureMap::apply(&z_(r, 0), m, half_norm(r), mode == Shift::own ? shifts_[r] : common,
-                          &phi_(r, 0));
-        if (epsilon_ != S(0)) phi().row(r).array() += epsilon_;
-      }
-      return common;
-    }
-
-    /// dx (written) from d_phi for the rows of the last compute.
-    template <class DP, class DX>
-    void backward(DP& d_phi, const Matrix<S>& w, DX&& dx) {
-      const Index m = favor_.features();
-      auto dz = z_.topRows(rows_);  // reused for dL/dz once the features are known
-      for (Index r = 0; r < rows_; ++r) {
-        if (r >= valid_) {
-          dz.row(r).setZero();
-          continue;
-        }
-        const S h = half_norm(r);
-        phi().row(r).array() -= epsilon_;  // the maps' derivatives use φ without ε
-        const S dh = FeatureMap::backward(&z_(r, 0), m, h, &phi_(r, 0), &d_phi(r, 0), &z_(r, 0));
-        phi().row(r).array() += epsilon_;
-        dx.row(r) = dh * xs().row(r);  // ∂h/∂x' = x'
-      }
-      mul<true>(dx, dz, w);
-      dx *= favor_.input_scale();
-    }
-
-    auto phi() { return phi_.topRows(rows_); }
-    auto xs() { return xs_.topRows(rows_); }
-    auto z() { return z_.topRows(rows_); }
-    /// Own-shift rows: the shift of row r (valid rows only).
-    S shift(Index r) const { return shifts_[r]; }
-    const S* shifts() const { return shifts_; }
-    Index rows() const { return rows_; }
-    Index valid() const { return valid_; }
-
-   private:
-    S half_norm(Index r) { return xs().row(r).squaredNorm() / 2; }
-
-    const Favor& favor_;
-    Eigen::Map<Matrix<S>, Eigen::Aligned64> xs_, z_, phi_;
-    S* shifts_;
-    Index capacity_, rows_ = 0, valid_ = 0;
-    S epsilon_ = 0;
-  };
-
-  // Causal prefix sums with a stabiliser that never looks ahead. Key j carries its own
-  // shift s_j; query i uses r_i = max(shift of the state, s_j for the keys j ≤ i of its
-  // chunk), so every factor below is exp(≤ 0) and no future key can make an earlier
-  // feature underflow. The state (Σ K'ᵀV, Σ K') is kept in the frame of the largest shift
-  // so far and rescaled when it grows. All shifts cancel in num/den: gradients treat them
-  // as constants, which is exact because keys get no ε here.
-  class Prefix {
-   public:
-    Prefix(Workspace& ws, Index capacity)
-        : running_(ws.take<S>(capacity)),
-          a_(ws.matrix<S>(capacity, capacity)),
-          e_(ws.matrix<S>(capacity, capacity)) {}
-
-    S shift() const { return shift_; }
-    void restart(S shift) { shift_ = shift; }
-
-    /// The chunk's weighted product A = tril(Q' K'ᵀ) ∘ E, E_ij = exp(s_j − r_i).
-    auto enter(Block& qb, Block& kb) {
-      rows_ = qb.rows();
-      S r = shift_;
-      using Row = Eigen::Map<const Eigen::Array<S, 1, Eigen::Dynamic>>;
-      for (Index i = 0; i < rows_; ++i) {
-        if (i < kb.valid()) r = std::max(r, kb.shift(i));
-        running_[i] = r;
-        const Index seen = std::min(i + 1, kb.valid());  // keys j ≤ i that are not padding
-        e_.row(i).head(seen).array() = (Row(kb.shifts(), seen) - r).exp();
-        e_.row(i).segment(seen, rows_ - seen).setZero();
-      }
-      next_ = rows_ > 0 ? running_[rows_ - 1] : shift_;
-      auto al = a_.topLeftCorner(rows_, rows_);
-      mul<false>(al, qb.phi(), kb.phi().transpose());
-      al.array() *= weights(rows_).array();
-      return al;
-    }
-    auto weights(Index rows) const { return e_.topLeftCorner(rows, rows); }
-
-    /// Rows times α_i = exp(state shift − r_i): the state's terms in query i's frame.
-    template <class M>
-    void scale_by_alpha(M&& m) const {
-      for (Index i = 0; i < rows_; ++i)
-        m.row(i) *= alpha(i);
-    }
-    template <class M1, class M2>
-    void scale_by_alpha(M1&& a, M2&& b) const {
-      scale_by_alpha(a);
-      scale_by_alpha(b);
-    }
-    /// Key rows times β_j = exp(s_j − frame) (rows of padded keys are left as they are).
-    template <class M>
-    void scale_by_beta(M&& m, S frame, const Block& kb) const {
-      for (Index j = 0; j < kb.valid(); ++j)
-        m.row(j) *= std::exp(kb.shift(j) - frame);
-    }
-
-    /// Adds the chunk's keys to the state, moving it to the frame of the chunk's last shift.
-    template <class V, class St, class Z>
-    void advance(Block& kb, const V& v, St& state, Z& z) {
-      if (shift_ != minus_infinity && next_ != shift_) {
-        const S rescale = std::exp(shift_ - next_);
-        state *= rescale;
-        z *= rescale;
-      }
-      auto k = kb.phi();
-      scale_by_beta(k, next_, kb);
-      mul<true>(state, k.transpose(), v);
-      z.noalias() += k.colwise().sum();
-      shift_ = next_;
-    }
-
-   private:
-    S alpha(Index i) const {
-      return shift_ == minus_infinity ? S(0) : std::exp(shift_ - running_[i]);
-    }
-
-    S* running_;
-    Eigen::Map<Matrix<S>, Eigen::Aligned64> a_, e_;
-    Index rows_ = 0;
-    S shift_ = minus_infinity, next_ = minus_infinity;
-  };
+  Block block(Workspace& ws, Index capacity) const {
+    return Block(ws, capacity, layout_.d_key, config_.features, input_scale());
+  }
 
   // Every product through sliced_product: operands as wide as the features would otherwise
   // make Eigen pack on the heap.
@@ -487,13 +335,10 @@ class Favor {
 
   // Causal keys get no ε from a stabilised map: their features are relative to their own
   // shift, so ε would change the function (queries' ε sits in their own frame, as upstream).
-  S key_epsilon(bool causal) const {
-    return causal && FeatureMap::estimates_softmax ? S(0) : epsilon_;
-  }
+  S key_epsilon(bool causal) const { return causal && Map::estimates_softmax ? S(0) : epsilon_; }
 
   S input_scale() const {
-    return FeatureMap::estimates_softmax ? static_cast<S>(std::pow(double(layout_.d_key), -0.25))
-                                         : S(1);
+    return Map::estimates_softmax ? static_cast<S>(std::pow(double(layout_.d_key), -0.25)) : S(1);
   }
 
   std::size_t index_of(Index head) const {

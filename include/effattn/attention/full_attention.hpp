@@ -7,9 +7,10 @@
 #include <limits>
 #include <optional>
 
-#include "effattn/core/concepts.hpp"
+#include "effattn/attention/attention_policy.hpp"
+#include "effattn/attention/head_context.hpp"
+#include "effattn/attention/head_layout.hpp"
 #include "effattn/core/error.hpp"
-#include "effattn/core/head.hpp"
 #include "effattn/core/parallel.hpp"
 #include "effattn/core/product.hpp"
 #include "effattn/core/softmax.hpp"

@@ -9,12 +9,19 @@
 #include <string_view>
 #include <vector>
 
+#include "effattn/attention/attention_policy.hpp"
 #include "effattn/attention/full_attention.hpp"
-#include "effattn/attention/sequence_projections.hpp"
-#include "effattn/core/concepts.hpp"
+#include "effattn/attention/head_context.hpp"
+#include "effattn/attention/head_layout.hpp"
+#include "effattn/attention/masking.hpp"
+#include "effattn/attention/projections/conv_projection.hpp"
+#include "effattn/attention/projections/dense_projection.hpp"
+#include "effattn/attention/projections/max_pooling.hpp"
+#include "effattn/attention/projections/mean_pooling.hpp"
+#include "effattn/attention/projections/sequence_projection.hpp"
+#include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
-#include "effattn/core/head.hpp"
-#include "effattn/core/rng.hpp"
+#include "effattn/core/parallel.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 
@@ -59,6 +66,9 @@ class LowRank {
  public:
   using Scalar = S;
   using Proj = Projection<S>;
+  static_assert(SequenceProjection<Proj>,
+                "effattn: LowRank<S, P> needs a projection along the sequence: P<S> must satisfy "
+                "SequenceProjection (see effattn/attention/projections/sequence_projection.hpp).");
   static constexpr const char* name = "lowrank";
   static constexpr bool supports_causal = false;  // see detail::MaskingCheck below
   static constexpr bool supports_cross_attention = true;

@@ -7,9 +7,13 @@
 #include <cstdint>
 
 #include "effattn/core/error.hpp"
+#include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
+#include "effattn/layers/detail/checks.hpp"
+#include "effattn/layers/detail/composition.hpp"
 #include "effattn/layers/layer.hpp"
+#include "effattn/layers/layer_workspace.hpp"
 
 namespace effattn {
 

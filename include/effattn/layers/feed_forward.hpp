@@ -7,18 +7,18 @@
 #include <numbers>
 #include <string_view>
 
-#include "effattn/core/activations.hpp"
+#include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
-#include "effattn/core/rng.hpp"
+#include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
+#include "effattn/layers/activation.hpp"
+#include "effattn/layers/activation_meter.hpp"
+#include "effattn/layers/detail/checks.hpp"
 #include "effattn/layers/layer.hpp"
+#include "effattn/layers/layer_workspace.hpp"
 
 namespace effattn {
-
-/// relu: max(0, x). gelu: GELU in its tanh form, 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
-/// (as GPT-2 and BERT use; within 1e-3 of the erf form, and vectorised).
-enum class Activation { relu, gelu };
 
 /// FFN(x) = act(x W_1 + b_1) W_2 + b_2 (ALGORITHMS.md §6), W_1: d_model × d_ff, W_2:
 /// d_ff × d_model; weights N(0, 1/fan_in) from the seed, biases 0. The hidden activation

@@ -5,9 +5,11 @@
 #include <cstddef>
 #include <string_view>
 
-#include "effattn/core/activations.hpp"
 #include "effattn/core/error.hpp"
+#include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
+#include "effattn/layers/activation_meter.hpp"
+#include "effattn/layers/detail/checks.hpp"
 #include "effattn/layers/layer.hpp"
 
 namespace effattn {

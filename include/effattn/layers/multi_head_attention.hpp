@@ -5,13 +5,19 @@
 #include <cstdint>
 #include <string_view>
 
-#include "effattn/core/activations.hpp"
+#include "effattn/attention/attention_core.hpp"
+#include "effattn/attention/attention_policy.hpp"
+#include "effattn/attention/head_context.hpp"
+#include "effattn/attention/head_layout.hpp"
+#include "effattn/attention/masking.hpp"
+#include "effattn/core/aliasing.hpp"
+#include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
-#include "effattn/core/head.hpp"
-#include "effattn/core/rng.hpp"
+#include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
-#include "effattn/layers/attention_core.hpp"
+#include "effattn/layers/activation_meter.hpp"
+#include "effattn/layers/layer_workspace.hpp"
 
 namespace effattn {
 

@@ -1,16 +1,20 @@
 #pragma once
-// Reversible<F, G> (RevNet residual, Reformer), and the layers that enter and leave the
-// two-half layout: Duplicate and MergeHalves.
+// Reversible<F, G>: the RevNet residual of the Reformer, which rebuilds its input from its
+// output so that a stack of them trains in memory independent of depth.
 
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
 
-#include "effattn/core/activations.hpp"
 #include "effattn/core/error.hpp"
+#include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
+#include "effattn/layers/activation_meter.hpp"
+#include "effattn/layers/detail/checks.hpp"
+#include "effattn/layers/detail/composition.hpp"
 #include "effattn/layers/layer.hpp"
+#include "effattn/layers/layer_workspace.hpp"
 
 namespace effattn {
 
@@ -169,78 +173,6 @@ class Reversible {
   Matrix<S> y_;  // the output, kept by a training forward when used alone
   HeldActivations held_;
   bool training_ = false;
-};
-
-/// d → 2d: y = [x | x], entering a reversible stack. Backward: dx = dy1 + dy2.
-template <class S = float>
-class Duplicate : public detail::Stateless {
- public:
-  using Scalar = S;
-  static constexpr bool position_wise = true;
-  struct Config {
-    Index width = 512;
-  };
-  explicit Duplicate(Config config) : width_(config.width) {
-    detail::require(width_ > 0, "Duplicate", "width", width_, "at least 1");
-  }
-  Index d_in() const { return width_; }
-  Index d_out() const { return 2 * width_; }
-
-  void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
-    detail::require_call("Duplicate", x, d_in(), "y", y, d_out(), shape);
-    y.leftCols(width_) = x;
-    y.rightCols(width_) = x;
-  }
-  void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
-    detail::require_backward_call("Duplicate", x, d_in(), dy, d_out(), dx, shape);
-    dx = dy.leftCols(width_) + dy.rightCols(width_);
-  }
-
- private:
-  Index width_;
-};
-
-/// How MergeHalves leaves a reversible stack: `concat` keeps [y1 | y2] (2d wide, as
-/// Reformer's reference code and Hugging Face's ReformerModel do), `mean` gives (y1 + y2)/2.
-enum class Merge { concat, mean };
-
-/// 2d → 2d (concat) or 2d → d (mean): leaving a reversible stack.
-template <class S = float>
-class MergeHalves : public detail::Stateless {
- public:
-  using Scalar = S;
-  static constexpr bool position_wise = true;
-  struct Config {
-    Index width = 512;  ///< of each half
-    Merge merge = Merge::concat;
-  };
-  explicit MergeHalves(Config config) : config_(config) {
-    detail::require(config.width > 0, "MergeHalves", "width", config.width, "at least 1");
-  }
-  Index d_in() const { return 2 * config_.width; }
-  Index d_out() const { return config_.merge == Merge::mean ? config_.width : d_in(); }
-
-  void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
-    detail::require_call("MergeHalves", x, d_in(), "y", y, d_out(), shape);
-    const Index d = config_.width;
-    if (config_.merge == Merge::mean)
-      y = S(0.5) * (x.leftCols(d) + x.rightCols(d));
-    else
-      y = x;
-  }
-  void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
-    detail::require_backward_call("MergeHalves", x, d_in(), dy, d_out(), dx, shape);
-    const Index d = config_.width;
-    if (config_.merge == Merge::mean) {
-      dx.leftCols(d) = S(0.5) * dy;
-      dx.rightCols(d) = S(0.5) * dy;
-    } else {
-      dx = dy;
-    }
-  }
-
- private:
-  Config config_;
 };
 
 }  // namespace effattn

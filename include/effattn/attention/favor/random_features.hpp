@@ -5,8 +5,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
-#include "effattn/core/rng.hpp"
 #include "effattn/core/types.hpp"
 
 namespace effattn {

@@ -1,21 +1,19 @@
 #pragma once
-// Stacks of layers: Repeat<Block, N> (N copies, or a depth chosen at run time) and
-// Sequential<Blocks...> (different layers in order).
+// StackOps: what Repeat and Sequential share (training, backward, the reversible walk).
 
 #include <algorithm>
 #include <cstddef>
-#include <cstdint>
-#include <deque>
 #include <string>
-#include <tuple>
-#include <utility>
 #include <vector>
 
-#include "effattn/core/activations.hpp"
 #include "effattn/core/error.hpp"
+#include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
-#include "effattn/layers/layer.hpp"
+#include "effattn/layers/activation_meter.hpp"
+#include "effattn/layers/detail/checks.hpp"
+#include "effattn/layers/detail/composition.hpp"
+#include "effattn/layers/layer_workspace.hpp"
 
 namespace effattn {
 namespace detail {
@@ -237,120 +235,5 @@ class StackOps {
 };
 
 }  // namespace detail
-
-/// Repeat<Block, N>: N blocks of one type, each built from the block config with its own
-/// seeds (block i's config reseeded with salt i). Repeat<Block> (N = runtime_depth) takes
-/// the depth from the config at run time. Parameters are named "<i>.<name>".
-inline constexpr Index runtime_depth = 0;
-
-template <class Block, Index Depth = runtime_depth>
-class Repeat : public detail::StackOps<Repeat<Block, Depth>, typename Block::Scalar> {
-  static_assert(detail::assert_layer<Block>(), "Repeat<Block, N>: Block must be a layer");
-  static_assert(Depth >= 0, "effattn: Repeat<Block, N> needs N ≥ 1 (or runtime_depth)");
-  using Base = detail::StackOps<Repeat<Block, Depth>, typename Block::Scalar>;
-  friend Base;
-
- public:
-  static constexpr const char* name = "Repeat";
-  static constexpr bool reversible = ReversibleLayer<Block>;
-  static constexpr bool position_wise = Block::position_wise;
-
-  struct Config {
-    typename Block::Config block{};
-    Index depth = Depth;
-    Config reseeded(std::uint64_t salt) const { return {detail::reseed(block, salt), depth}; }
-  };
-
-  explicit Repeat(Config config) {
-    if constexpr (Depth != runtime_depth)
-      detail::require(config.depth == Depth, name, "depth", config.depth,
-                      detail::concat("the type's depth, ", Depth));
-    detail::require(config.depth >= 1, name, "depth", config.depth, "at least 1 block");
-    for (Index i = 0; i < config.depth; ++i)
-      blocks_.emplace_back(detail::reseed(config.block, static_cast<std::uint64_t>(i)));
-    this->check_widths();
-  }
-
-  Index count() const { return static_cast<Index>(blocks_.size()); }
-  Index depth() const { return count(); }
-  Block& operator[](Index i) { return blocks_[static_cast<std::size_t>(i)]; }
-  const Block& operator[](Index i) const { return blocks_[static_cast<std::size_t>(i)]; }
-
- private:
-  template <class F>
-  void visit(Index i, F&& f) {
-    f(blocks_[static_cast<std::size_t>(i)]);
-  }
-  template <class F>
-  void visit(Index i, F&& f) const {
-    f(blocks_[static_cast<std::size_t>(i)]);
-  }
-
-  std::deque<Block> blocks_;  // built in place: a block need not be movable
-};
-
-/// Sequential<A, B, …>: different layers in order, block i built from the i-th config with
-/// its seed salted by i. Parameters are named "<i>.<name>".
-template <class... Blocks>
-class Sequential
-    : public detail::StackOps<Sequential<Blocks...>,
-                              typename std::tuple_element_t<0, std::tuple<Blocks...>>::Scalar> {
-  static_assert(sizeof...(Blocks) > 0, "effattn: Sequential<> needs at least one layer");
-  static_assert((detail::assert_layer<Blocks>() && ...),
-                "Sequential<Blocks...>: every block must be a layer");
-  using S = typename std::tuple_element_t<0, std::tuple<Blocks...>>::Scalar;
-  static_assert((std::same_as<typename Blocks::Scalar, S> && ...),
-                "effattn: Sequential<Blocks...> needs blocks of one Scalar type.");
-  using Base = detail::StackOps<Sequential<Blocks...>, S>;
-  friend Base;
-
- public:
-  static constexpr const char* name = "Sequential";
-  static constexpr bool reversible = (ReversibleLayer<Blocks> && ...);
-  static constexpr bool position_wise = (Blocks::position_wise && ...);
-
-  struct Config {
-    std::tuple<typename Blocks::Config...> blocks{};
-    Config reseeded(std::uint64_t salt) const {
-      return {std::apply([&](const auto&... c) { return std::tuple{detail::reseed(c, salt)...}; },
-                         blocks)};
-    }
-  };
-
-  explicit Sequential(Config config)
-      : blocks_(build(config, std::index_sequence_for<Blocks...>{})) {
-    this->check_widths();
-  }
-  explicit Sequential(typename Blocks::Config... configs) : Sequential(Config{{configs...}}) {}
-
-  static constexpr Index count() { return sizeof...(Blocks); }
-  template <std::size_t I>
-  auto& get() {
-    return std::get<I>(blocks_);
-  }
-
- private:
-  template <std::size_t... I>
-  static std::tuple<Blocks...> build(const Config& c, std::index_sequence<I...>) {
-    return std::tuple<Blocks...>{Blocks(detail::reseed(std::get<I>(c.blocks), I))...};
-  }
-  template <class Self, class F>
-  static void visit_in(Self& self, Index i, F& f) {
-    [&]<std::size_t... I>(std::index_sequence<I...>) {
-      ((i == Index(I) ? (f(std::get<I>(self.blocks_)), 0) : 0), ...);
-    }
-    (std::index_sequence_for<Blocks...>{});
-  }
-  template <class F>
-  void visit(Index i, F&& f) {
-    visit_in(*this, i, f);
-  }
-  template <class F>
-  void visit(Index i, F&& f) const {
-    visit_in(*this, i, f);
-  }
-
-  std::tuple<Blocks...> blocks_;
-};
 
 }  // namespace effattn

@@ -1,20 +1,9 @@
 #pragma once
-// What an attention policy is told about the one head of one sequence it computes.
-
-#include <cstdint>
+// HeadContext: what an attention policy is told about the one head of one sequence it computes.
 
 #include "effattn/core/types.hpp"
 
 namespace effattn {
-
-/// How the multi-head block lays out heads; a policy that owns per-head parameters
-/// (random features, projections) sizes them from this.
-struct HeadLayout {
-  Index heads = 1;
-  Index d_key = 1;    ///< width of a query/key head
-  Index d_value = 1;  ///< width of a value/output head
-  std::uint64_t seed = 0;
-};
 
 /// One (sequence, head) problem: `q` holds query rows query_offset … of the sequence
 /// (a slice when the block splits a head's queries across threads), `k`/`v` the whole key

@@ -7,12 +7,17 @@
 #include <type_traits>
 #include <vector>
 
-#include "effattn/core/concepts.hpp"
+#include "effattn/attention/attention_policy.hpp"
+#include "effattn/attention/head_context.hpp"
+#include "effattn/attention/head_layout.hpp"
+#include "effattn/attention/masking.hpp"
+#include "effattn/core/aliasing.hpp"
 #include "effattn/core/error.hpp"
-#include "effattn/core/head.hpp"
 #include "effattn/core/parallel.hpp"
+#include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
+#include "effattn/core/workspace_pool.hpp"
 
 namespace effattn {
 

@@ -6,7 +6,9 @@
 #include <cstddef>
 #include <string_view>
 
-#include "effattn/core/head.hpp"
+#include "effattn/attention/head_context.hpp"
+#include "effattn/attention/head_layout.hpp"
+#include "effattn/attention/masking.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 
@@ -84,7 +86,7 @@ template <class P>
 constexpr bool assert_attention_policy() {
   static_assert(PolicyHasScalar<P>,
                 "effattn: this type is not an attention policy: it needs `using Scalar = float;` "
-                "(or double). See effattn/core/concepts.hpp.");
+                "(or double). See effattn/attention/attention_policy.hpp.");
   static_assert(PolicyStatesCapabilities<P>,
                 "effattn: this type is not an attention policy: it needs static constexpr "
                 "`name`, `supports_causal`, `supports_cross_attention` and `splits_queries`.");

@@ -1,0 +1,99 @@
+#pragma once
+// CausalPrefix: the running state of causal FAVOR+ (prefix sums of K'ᵀV and K') with a
+// stabiliser that never looks ahead.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "effattn/core/product.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn::detail::favor {
+
+/// Causal prefix sums with a stabiliser that never looks ahead. Key j carries its own
+/// shift s_j; query i uses r_i = max(shift of the state, s_j for the keys j ≤ i of its
+/// chunk), so every factor below is exp(≤ 0) and no future key can make an earlier
+/// feature underflow. The state (Σ K'ᵀV, Σ K') is kept in the frame of the largest shift
+/// so far and rescaled when it grows. All shifts cancel in num/den: gradients treat them
+/// as constants, which is exact because keys get no ε here.
+template <class S>
+class CausalPrefix {
+ public:
+  CausalPrefix(Workspace& ws, Index capacity)
+      : running_(ws.take<S>(capacity)),
+        a_(ws.matrix<S>(capacity, capacity)),
+        e_(ws.matrix<S>(capacity, capacity)) {}
+
+  S shift() const { return shift_; }
+  void restart(S shift) { shift_ = shift; }
+
+  /// The chunk's weighted product A = tril(Q' K'ᵀ) ∘ E, E_ij = exp(s_j − r_i).
+  template <class Block>
+  auto enter(Block& qb, Block& kb) {
+    rows_ = qb.rows();
+    S r = shift_;
+    using Row = Eigen::Map<const Eigen::Array<S, 1, Eigen::Dynamic>>;
+    for (Index i = 0; i < rows_; ++i) {
+      if (i < kb.valid()) r = std::max(r, kb.shift(i));
+      running_[i] = r;
+      const Index seen = std::min(i + 1, kb.valid());  // keys j ≤ i that are not padding
+      e_.row(i).head(seen).array() = (Row(kb.shifts(), seen) - r).exp();
+      e_.row(i).segment(seen, rows_ - seen).setZero();
+    }
+    next_ = rows_ > 0 ? running_[rows_ - 1] : shift_;
+    auto al = a_.topLeftCorner(rows_, rows_);
+    sliced_product<false>(al, qb.phi(), kb.phi().transpose());
+    al.array() *= weights(rows_).array();
+    return al;
+  }
+  auto weights(Index rows) const { return e_.topLeftCorner(rows, rows); }
+
+  /// Rows times α_i = exp(state shift − r_i): the state's terms in query i's frame.
+  template <class M>
+  void scale_by_alpha(M&& m) const {
+    for (Index i = 0; i < rows_; ++i)
+      m.row(i) *= alpha(i);
+  }
+  template <class M1, class M2>
+  void scale_by_alpha(M1&& a, M2&& b) const {
+    scale_by_alpha(a);
+    scale_by_alpha(b);
+  }
+  /// Key rows times β_j = exp(s_j − frame) (rows of padded keys are left as they are).
+  template <class M, class Block>
+  void scale_by_beta(M&& m, S frame, const Block& kb) const {
+    for (Index j = 0; j < kb.valid(); ++j)
+      m.row(j) *= std::exp(kb.shift(j) - frame);
+  }
+
+  /// Adds the chunk's keys to the state, moving it to the frame of the chunk's last shift.
+  template <class Block, class V, class St, class Z>
+  void advance(Block& kb, const V& v, St& state, Z& z) {
+    if (shift_ != minus_infinity && next_ != shift_) {
+      const S rescale = std::exp(shift_ - next_);
+      state *= rescale;
+      z *= rescale;
+    }
+    auto k = kb.phi();
+    scale_by_beta(k, next_, kb);
+    sliced_product<true>(state, k.transpose(), v);
+    z.noalias() += k.colwise().sum();
+    shift_ = next_;
+  }
+
+ private:
+  static constexpr S minus_infinity = -std::numeric_limits<S>::infinity();
+
+  S alpha(Index i) const {
+    return shift_ == minus_infinity ? S(0) : std::exp(shift_ - running_[i]);
+  }
+
+  S* running_;
+  Eigen::Map<Matrix<S>, Eigen::Aligned64> a_, e_;
+  Index rows_ = 0;
+  S shift_ = minus_infinity, next_ = minus_infinity;
+};
+
+}  // namespace effattn::detail::favor

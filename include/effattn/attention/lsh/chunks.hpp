@@ -1,0 +1,231 @@
+#pragma once
+// LSH attention's chunks: each hash round's sorted order cut into chunks (Chunking), and a
+// query chunk's gathered queries, keys and values with their masked logits (GatheredChunk).
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#include "effattn/attention/lsh/lsh_config.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn::detail::lsh {
+
+/// The logit of a token with itself (ALGORITHMS.md §4: not −∞, so a row that may see only
+/// itself still has a softmax).
+template <class S>
+inline constexpr S self_logit = S(-1e5);
+
+/// Most chunks a round of n tokens has with b buckets (causal chunks stop at bucket
+/// boundaries, so each bucket may add one).
+inline Index max_chunks(Index n, Index chunk, Index buckets) {
+  return (n + chunk - 1) / chunk + buckets;
+}
+
+/// 1/‖k_t‖ for the first `length` rows of k (0 for a zero row and for padding).
+template <class S>
+S* inverse_norms(ConstView<S> k, Index length, Workspace& ws) {
+  S* inv = ws.take<S>(k.rows());
+  for (Index t = 0; t < k.rows(); ++t) {
+    const S norm = t < length ? k.row(t).norm() : S(0);
+    inv[t] = norm > S(0) ? S(1) / norm : S(0);
+  }
+  return inv;
+}
+
+class Chunking {
+ public:
+  /// Rounds of `order` and `bucket` (rounds × n each) with `max_chunks` bounding the chunks
+  /// of one round; dedup also numbers every token's chunk in every round.
+  Chunking(const LSHConfig& config, Index max_chunks, const std::int32_t* all_order,
+           const std::int32_t* all_bucket, Index n, Index length, bool causal, Workspace& ws)
+      : config_(config),
+        all_order_(all_order),
+        all_bucket_(all_bucket),
+        n_(n),
+        length_(length),
+        local_(causal),
+        start_(ws.take<std::int32_t>(max_chunks + 1)) {
+    if (!config_.dedup) return;
+    const Index r = config_.rounds;
+    chunk_of_ = ws.take<std::int32_t>(r * n);
+    for (Index round = 0; round < r; ++round) {
+      select(round);
+      for (Index ci = 0; ci < chunks_; ++ci)
+        for (Index s = start_[ci]; s < start_[ci + 1]; ++s)
+          chunk_of_[round * n + order[s]] = static_cast<std::int32_t>(ci);
+      global_chunks_ = chunks_;
+    }
+  }
+
+  /// Cuts round `round` into chunks.
+  void select(Index round) {
+    order = all_order_ + round * n_;
+    bucket = all_bucket_ + round * n_;
+    const Index c = config_.chunk;
+    chunks_ = 0;
+    for (Index s = 0; s < length_; ++s) {
+      const bool new_bucket = local_ && s > 0 && bucket[order[s]] != bucket[order[s - 1]];
+      if (s == 0 || new_bucket || s - start_[chunks_ - 1] == c)
+        start_[chunks_++] = static_cast<std::int32_t>(s);
+    }
+    start_[chunks_] = static_cast<std::int32_t>(length_);
+  }
+
+  Index chunks() const { return chunks_; }
+  Index first(Index ci) const { return start_[ci]; }
+  Index stop(Index ci) const { return start_[ci + 1]; }
+  Index length() const { return length_; }
+  bool causal() const { return local_; }
+
+  /// Calls f(first, stop) for the sorted rows of each chunk a query of chunk ci sees,
+  /// each chunk once.
+  template <class F>
+  void for_each_window_chunk(Index ci, F&& f) const {
+    const LSHConfig& cfg = config_;
+    if (local_) {
+      const std::int32_t b = bucket[order[start_[ci]]];
+      for (Index cj = std::max<Index>(0, ci - cfg.look_back);
+           cj <= std::min(chunks_ - 1, ci + cfg.look_forward); ++cj)
+        if (bucket[order[start_[cj]]] == b) f(first(cj), stop(cj));
+      return;
+    }
+    if (cfg.look_back + 1 + cfg.look_forward >= chunks_) {
+      for (Index cj = 0; cj < chunks_; ++cj)
+        f(first(cj), stop(cj));
+      return;
+    }
+    for (Index o = -cfg.look_back; o <= cfg.look_forward; ++o) {
+      const Index cj = ((ci + o) % chunks_ + chunks_) % chunks_;
+      f(first(cj), stop(cj));
+    }
+  }
+
+  /// Rounds in which query i may attend to key j (dedup): j in i's window, and in its
+  /// bucket when that is required.
+  Index shared_rounds(Index i, Index j) const {
+    const LSHConfig& cfg = config_;
+    Index count = 0;
+    for (Index round = 0; round < cfg.rounds; ++round) {
+      const std::int32_t* b = all_bucket_ + round * n_;
+      const std::int32_t* ch = chunk_of_ + round * n_;
+      const bool same = b[i] == b[j];
+      if ((cfg.same_bucket || local_) && !same) continue;
+      const Index diff = ch[j] - ch[i];
+      if (local_)
+        count += diff >= -cfg.look_back && diff <= cfg.look_forward;
+      else if (cfg.look_back + 1 + cfg.look_forward >= global_chunks_)
+        ++count;
+      else {
+        const Index wrapped = (diff % global_chunks_ + global_chunks_) % global_chunks_;
+        count += wrapped <= cfg.look_forward || wrapped >= global_chunks_ - cfg.look_back;
+      }
+    }
+    return count;
+  }
+  bool dedup() const { return chunk_of_ != nullptr; }
+
+  const std::int32_t* order = nullptr;   // this round: tokens in sorted order
+  const std::int32_t* bucket = nullptr;  // this round: bucket of each token
+
+ private:
+  const LSHConfig& config_;
+  const std::int32_t* all_order_;
+  const std::int32_t* all_bucket_;
+  Index n_, length_;
+  bool local_;
+  std::int32_t* start_;
+  std::int32_t* chunk_of_ = nullptr;  // rounds × n (dedup only)
+  Index chunks_ = 0, global_chunks_ = 0;
+};
+
+/// A query chunk's gathered queries, keys and values, and its masked logits.
+template <class S>
+struct GatheredChunk {
+  /// Gathers from q (queries), k (keys, scaled by inv_norm to unit length) and v, with
+  /// `scale` on the logits.
+  GatheredChunk(const LSHConfig& config, S scale, ConstView<S> q, ConstView<S> k, ConstView<S> v,
+                const S* inv_norm, Workspace& ws)
+      : config_(config),
+        scale_(scale),
+        q_(q),
+        k_(k),
+        v_(v),
+        inv_norm_(inv_norm),
+        rows_(std::min(config.chunk, q.rows())),
+        width_(config.window(q.rows())),
+        qs(ws.matrix<S>(rows_, q.cols())),
+        ks(ws.matrix<S>(width_, k.cols())),
+        vs(ws.matrix<S>(width_, v.cols())),
+        p(ws.matrix<S>(rows_, width_)),
+        token(ws.take<std::int32_t>(width_)),
+        self(ws.take<std::int32_t>(rows_)),
+        row_max(ws.take<S>(rows_)) {}
+
+  // What the constructor takes from a workspace.
+  static std::size_t bytes(Index c, Index w, Index d_k, Index d_v) {
+    using W = Workspace;
+    return W::bytes_for<S>(c * d_k) + W::bytes_for<S>(w * d_k) + W::bytes_for<S>(w * d_v) +
+           W::bytes_for<S>(c * w) + W::bytes_for<std::int32_t>(w) + W::bytes_for<std::int32_t>(c) +
+           W::bytes_for<S>(c);
+  }
+
+  // Gathers the queries of chunk ci and the keys of its window, and writes their masked
+  // logits to p (rows × keys). Returns the row count.
+  Index logits(const Chunking& rounds, Index ci) {
+    const LSHConfig& cfg = config_;
+    const Index q0 = rounds.first(ci), m = rounds.stop(ci) - q0;
+    const S s = scale_;
+    for (Index a = 0; a < m; ++a)
+      qs.row(a) = s * q_.row(rounds.order[q0 + a]);
+    keys = 0;
+    Index own = 0;
+    rounds.for_each_window_chunk(ci, [&](Index first, Index stop) {
+      if (first == q0) own = keys;
+      for (Index j = first; j < stop; ++j) {
+        const Index t = rounds.order[j];
+        token[keys] = static_cast<std::int32_t>(t);
+        ks.row(keys) = inv_norm_[t] * k_.row(t);
+        vs.row(keys) = v_.row(t);
+        ++keys;
+      }
+    });
+    auto pm = p.topLeftCorner(m, keys);
+    pm.noalias() = qs.topRows(m) * ks.topRows(keys).transpose();
+    constexpr S neg_inf = -std::numeric_limits<S>::infinity();
+    for (Index a = 0; a < m; ++a) {
+      const std::int32_t i = rounds.order[q0 + a];
+      S* row = &p(a, 0);
+      if (rounds.causal())
+        for (Index b = 0; b < keys; ++b)
+          row[b] = token[b] > i ? neg_inf : row[b];
+      if (cfg.same_bucket && !rounds.causal()) {  // causal windows are one bucket already
+        const std::int32_t bi = rounds.bucket[i];
+        for (Index b = 0; b < keys; ++b)
+          row[b] = rounds.bucket[token[b]] != bi ? neg_inf : row[b];
+      }
+      if (rounds.dedup())
+        for (Index b = 0; b < keys; ++b)
+          if (row[b] != neg_inf) row[b] -= std::log(S(rounds.shared_rounds(i, token[b])));
+      self[a] = static_cast<std::int32_t>(own + a);
+      row[own + a] = self_logit<S>;
+    }
+    return m;
+  }
+
+  const LSHConfig& config_;
+  S scale_;
+  ConstView<S> q_, k_, v_;
+  const S* inv_norm_;
+  Index rows_, width_;
+  Eigen::Map<Matrix<S>, Eigen::Aligned64> qs, ks, vs, p;  // queries (scaled), keys, values
+  std::int32_t* token;                                    // original position of each gathered key
+  std::int32_t* self;                                     // column of each row's own key
+  S* row_max;
+  Index keys = 0;
+};
+
+}  // namespace effattn::detail::lsh

@@ -1,0 +1,115 @@
+#pragma once
+// DenseProjection: Linformer's learned projection E along the sequence (k × n_max).
+
+#include <cmath>
+#include <cstddef>
+#include <string_view>
+
+#include "effattn/attention/projections/gradient_sums.hpp"
+#include "effattn/attention/projections/sequence_projection.hpp"
+#include "effattn/core/counter_rng.hpp"
+#include "effattn/core/error.hpp"
+#include "effattn/core/product.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn {
+
+/// Linformer's learned projection (ALGORITHMS.md §3): y = E[:, :n] · x with E ∈ ℝ^{k × n_max},
+/// initialised as a Johnson–Lindenstrauss projection, E_ij ~ N(0, 1/k). An input of n < n_max
+/// tokens uses the first n columns; more than n_max is an error. Padding tokens are treated
+/// as zero rows, which makes a padded sequence of valid length L behave exactly as an
+/// unpadded one of length L. Every output row mixes every token, so none is masked.
+/// Cost 2·k·n·w forward, twice that backward (dx and dE).
+template <class S = float>
+class DenseProjection {
+ public:
+  using Scalar = S;
+  static constexpr const char* name = "dense";
+  static constexpr bool learned = true;
+
+  struct Config {
+    Index k = 256;       ///< rows of the projection
+    Index n_max = 4096;  ///< longest sequence it accepts (columns of E)
+  };
+
+  DenseProjection(const Config& config, CounterRng rng) : config_(config) {
+    constexpr const char* who = "DenseProjection";
+    detail::require(config_.n_max > 0, who, "n_max", config_.n_max, "at least 1 token");
+    detail::require(config_.k > 0 && config_.k <= config_.n_max, who, "k", config_.k,
+                    detail::concat("a rank in [1, n_max = ", config_.n_max, "]"));
+    weight_.resize(config_.k, config_.n_max);
+    rng.fill_normal(weight_, 1.0 / std::sqrt(double(config_.k)));
+  }
+
+  const Config& config() const { return config_; }
+  Index rows(Index) const { return config_.k; }
+  Index visible_rows(Index, Index valid) const { return valid > 0 ? config_.k : 0; }
+
+  void check(std::string_view component, Index n) const {
+    detail::require(n <= config_.n_max, component, "n", n,
+                    detail::concat("at most n_max = ", config_.n_max,
+                                   " tokens (the longest sequence the projection E was made for)"));
+  }
+
+  std::size_t scratch_bytes(Index, Index) const {
+    return Workspace::bytes_for<S>(config_.k * column_block);
+  }
+
+  void forward(ConstView<S> x, Index valid, View<S> y, Workspace&) const {
+    if (valid == 0) {
+      y.setZero();
+      return;
+    }
+    detail::sliced_product<false>(y, weight_.leftCols(valid), x.topRows(valid));
+  }
+
+  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace& ws,
+                int worker = 0) {
+    Workspace::Frame frame(ws);
+    auto d_e = ws.matrix<S>(config_.k, std::min(column_block, std::max<Index>(valid, 1)));
+    for (Index j0 = 0; j0 < valid; j0 += column_block) {
+      const Index cols = std::min(column_block, valid - j0);
+      detail::sliced_product<false>(dx.middleRows(j0, cols),
+                                    weight_.middleCols(j0, cols).transpose(), dy);
+      auto de = d_e.leftCols(cols);
+      detail::sliced_product<false>(de, dy, x.middleRows(j0, cols).transpose());
+      sums_.add(worker, config_.k, config_.n_max,
+                [&](Matrix<S>& g) { g.middleCols(j0, cols) += de; });
+    }
+    dx.bottomRows(x.rows() - valid).setZero();
+  }
+  void begin_backward(int workers) { sums_.begin(workers, config_.k, config_.n_max); }
+  void end_backward() { sums_.end(); }
+
+  template <class F>
+  void visit_parameters(F&& f, std::string_view label) {
+    f(label, weight_, sums_.gradient(config_.k, config_.n_max));
+  }
+  void zero_grad() { sums_.zero(); }
+
+  /// E [k × n_max].
+  const Matrix<S>& weight() const { return weight_; }
+  void set_weight(const Matrix<S>& e) {
+    detail::require(e.rows() == config_.k && e.cols() == config_.n_max, "DenseProjection", "E",
+                    detail::concat("a ", e.rows(), "×", e.cols(), " matrix"),
+                    detail::concat("k × n_max = ", config_.k, "×", config_.n_max));
+    weight_ = e;
+  }
+  /// dE [k × n_max], or an empty matrix until the first backward or visit (a projection
+  /// used only for inference never holds a second k × n_max matrix).
+  const Matrix<S>& gradient() const { return sums_.gradient(); }
+
+ private:
+  // Tokens per step of backward: dE for this many columns is made in scratch, then added
+  // to the worker's partial sum.
+  static constexpr Index column_block = 256;
+
+  Config config_;
+  Matrix<S> weight_;
+  detail::GradientSums<S> sums_;
+};
+
+static_assert(SequenceProjection<DenseProjection<float>>);
+
+}  // namespace effattn

@@ -1,0 +1,46 @@
+#pragma once
+// The SequenceProjection concept: what LowRank (Linformer) needs of a projection along the
+// sequence, which maps n tokens to a few rows.
+
+#include <concepts>
+#include <cstddef>
+#include <string_view>
+
+#include "effattn/core/counter_rng.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn {
+
+/// A projection type P<S> maps x [n × w] (keys or values of one head) to y [rows(n) × w]:
+///   Config                      its settings
+///   P(Config, CounterRng)       construction; learned projections draw their weights
+///   rows(n)                     output rows for n tokens
+///   visible_rows(n, valid)      output rows that see at least one of the first `valid`
+///                               tokens (the rest are wholly padding and get masked)
+///   check(component, n)         effattn::Error if n tokens cannot be projected
+///   scratch_bytes(n, w)         workspace its forward or backward takes
+///   forward(x, valid, y, ws)    rows of x at or past `valid` are padding: treated as zero
+///   backward(x, valid, dy, dx, ws, worker)  writes dx (0 on padding); learned projections
+///                               also add to their gradient: into worker's partial sum
+///                               between begin_backward(workers) and end_backward() (which
+///                               adds the partial sums in worker order), else under a lock
+///   learned                     whether it has parameters; a learned projection also has
+///                               visit_parameters(f, label), zero_grad(), begin_backward(workers)
+///                               and end_backward()
+template <class P>
+concept SequenceProjection = requires(P& p, const P& cp, const typename P::Config& config,
+                                      ConstView<typename P::Scalar> x, View<typename P::Scalar> y,
+                                      Index n, Workspace& ws) {
+  typename P::Config;
+  requires std::constructible_from<P, const typename P::Config&, CounterRng>;
+  { P::learned } -> std::convertible_to<bool>;
+  { cp.rows(n) } -> std::convertible_to<Index>;
+  { cp.visible_rows(n, n) } -> std::convertible_to<Index>;
+  cp.check(std::string_view{}, n);
+  { cp.scratch_bytes(n, n) } -> std::convertible_to<std::size_t>;
+  cp.forward(x, n, y, ws);
+  p.backward(x, n, x, y, ws, 0);
+};
+
+}  // namespace effattn

@@ -1,0 +1,62 @@
+#pragma once
+// SequenceShape: how a batch of sequences is laid out as rows, and which tokens are padding.
+
+#include <string>
+#include <vector>
+
+#include "effattn/core/error.hpp"
+#include "effattn/core/types.hpp"
+
+namespace effattn {
+
+/// The shape of a batch of sequences laid out as `[batch·seq × features]`: sequence b
+/// occupies rows b·seq … b·seq + seq − 1. `lengths`, when not empty, holds one valid
+/// length per sequence; tokens at or beyond it are padding and are never attended to
+/// (key padding). Queries at padded positions still get an output (attending to the
+/// valid keys), so callers may ignore those rows.
+struct SequenceShape {
+  Index batch = 1;
+  Index seq = 0;
+  std::vector<Index> lengths{};
+
+  /// batch·seq; an Error when that overflows Index.
+  Index tokens() const {
+    Index tokens = 0;
+    detail::require(!__builtin_mul_overflow(batch, seq, &tokens), "SequenceShape", "batch",
+                    detail::concat(batch, " sequences of ", seq, " tokens"),
+                    "a batch·seq that fits in Index");
+    return tokens;
+  }
+  Index valid_length(Index b) const {
+    return lengths.empty() ? seq : lengths[static_cast<std::size_t>(b)];
+  }
+
+  /// Checks the shape against a matrix with `rows` rows; `component` and `argument`
+  /// name the caller in the error message.
+  void validate(const char* component, const char* argument, Index rows) const {
+    detail::require(batch > 0, component, concat_arg(argument, ".batch"), batch,
+                    "at least 1 sequence");
+    detail::require(seq > 0, component, concat_arg(argument, ".seq"), seq, "at least 1 token");
+    Index tokens = 0;
+    detail::require(!__builtin_mul_overflow(batch, seq, &tokens), component, argument,
+                    detail::concat("described by batch·seq = ", batch, "·", seq,
+                                   ", which overflows a signed 64-bit row count"),
+                    "a shape whose batch·seq fits in Index");
+    detail::require(rows == tokens, component, argument,
+                    detail::concat("a matrix of ", rows, " rows"),
+                    detail::concat("batch·seq = ", batch, "·", seq, " = ", tokens, " rows"));
+    if (lengths.empty()) return;
+    detail::require(static_cast<Index>(lengths.size()) == batch, component,
+                    concat_arg(argument, ".lengths"), detail::concat(lengths.size(), " lengths"),
+                    detail::concat("one length per sequence (", batch, ")"));
+    for (std::size_t b = 0; b < lengths.size(); ++b)
+      detail::require(lengths[b] >= 0 && lengths[b] <= seq, component,
+                      detail::concat(argument, ".lengths[", b, "]"), lengths[b],
+                      detail::concat("a length in [0, ", seq, "]"));
+  }
+
+ private:
+  static std::string concat_arg(const char* a, const char* b) { return detail::concat(a, b); }
+};
+
+}  // namespace effattn

@@ -1,0 +1,79 @@
+#pragma once
+// What composing layers share: seeding sub-layers apart, naming their parameters, and the
+// Wrapper and Stateless bases.
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "effattn/core/sequence_shape.hpp"
+#include "effattn/layers/detail/checks.hpp"
+#include "effattn/layers/layer.hpp"
+
+namespace effattn::detail {
+
+/// A sub-layer's config with its seed moved to an independent stream: a Config with a
+/// `seed` gets a mixed seed, a composite Config (with `reseeded(salt)`) passes the salt
+/// on, and a Config with neither (no randomness) is returned as it is.
+inline std::uint64_t mix_seed(std::uint64_t seed, std::uint64_t salt) {
+  std::uint64_t z = seed + 0x9e3779b97f4a7c15ULL * (salt + 1);  // splitmix64
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+template <class C>
+C reseed(C config, std::uint64_t salt) {
+  if constexpr (requires { config.reseeded(salt); })
+    return config.reseeded(salt);
+  else if constexpr (requires { config.seed = std::uint64_t{}; }) {
+    config.seed = mix_seed(config.seed, salt);
+    return config;
+  } else
+    return config;
+}
+
+/// Visits a sub-layer's parameters as "<prefix>.<name>".
+template <class L, class F>
+void visit_prefixed(L& layer, std::string_view prefix, F& f) {
+  layer.visit_parameters([&](std::string_view name, auto& value, auto& gradient) {
+    std::string full;
+    full.reserve(prefix.size() + 1 + name.size());
+    full.append(prefix).append(".").append(name);
+    f(std::string_view(full), value, gradient);
+  });
+}
+
+/// What a layer that wraps one sub-layer `fn` forwards to it unchanged.
+template <class F>
+class Wrapper {
+  static_assert(assert_layer<F>());
+
+ public:
+  using Scalar = typename F::Scalar;
+  F& fn() { return fn_; }
+  const F& fn() const { return fn_; }
+  void release_activations() { fn_.release_activations(); }
+  std::size_t activation_bytes() const { return fn_.activation_bytes(); }
+  void zero_grad() { fn_.zero_grad(); }
+  void check_call(const SequenceShape& shape, bool backward) const {
+    detail::check_call(fn_, shape, backward);
+  }
+
+ protected:
+  explicit Wrapper(const typename F::Config& config) : fn_(config) {}
+  F fn_;
+};
+
+/// A layer without parameters or activations (moving columns around).
+class Stateless {
+ public:
+  void set_training(bool) {}
+  void release_activations() {}
+  std::size_t activation_bytes() const { return 0; }
+  void zero_grad() {}
+  template <class F>
+  void visit_parameters(F&&) {}
+};
+
+}  // namespace effattn::detail
