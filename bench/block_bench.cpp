@@ -23,19 +23,19 @@ using Reversible_ = Sequential<Duplicate<float>, Repeat<Reversible<Attn, FF>>, M
 using Ordinary = Repeat<Sequential<Residual<Attn>, Residual<FF>>>;
 
 Attn::Config attn_config() {
-  return {.fn = {.d_model = d_model, .heads = 4}};
+  return {.layer = {.d_model = d_model, .heads = 4}};
 }
 FF::Config ff_config() {
-  return {.fn = {.layer = {.d_model = d_model, .d_ff = 4 * d_model}, .chunk = 256}};
+  return {.layer = {.layer = {.d_model = d_model, .d_ff = 4 * d_model}, .chunk = 256}};
 }
 
 Reversible_ make_reversible(Index depth) {
-  return Reversible_({.width = d_model},
+  return Reversible_({.d_model = d_model},
                      {.block = {.f = attn_config(), .g = ff_config()}, .depth = depth},
-                     {.width = d_model});
+                     {.d_model = d_model});
 }
 Ordinary make_ordinary(Index depth) {
-  return Ordinary({.block = {{{.fn = attn_config()}, {.fn = ff_config()}}}, .depth = depth});
+  return Ordinary({.block = {{{.layer = attn_config()}, {.layer = ff_config()}}}, .depth = depth});
 }
 
 template <class Stack>

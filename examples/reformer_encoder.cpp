@@ -23,9 +23,9 @@ int main(int argc, char** argv) {
   const Index n = argc > 1 ? std::atol(argv[1]) : 4096;
   const Index depth = argc > 2 ? std::atol(argv[2]) : 6;
   const Index d = 256;
-  Block::Config block{.f = {.fn = {.d_model = d, .heads = 4}},
-                      .g = {.fn = {.layer = {.d_model = d, .d_ff = 4 * d}, .chunk = 256}}};
-  Encoder encoder({.width = d}, {.block = block, .depth = depth}, {.width = d});
+  Block::Config block{.f = {.layer = {.d_model = d, .heads = 4}},
+                      .g = {.layer = {.layer = {.d_model = d, .d_ff = 4 * d}, .chunk = 256}}};
+  Encoder encoder({.d_model = d}, {.block = block, .depth = depth}, {.d_model = d});
 
   const SequenceShape shape{.batch = 1, .seq = n};
   Matrix<float> x(n, d), y(n, encoder.d_out()), dy(n, encoder.d_out()), dx(n, d);

@@ -45,6 +45,7 @@
 #include "effattn/layers/layer_workspace.hpp"
 #include "effattn/layers/merge_halves.hpp"
 #include "effattn/layers/multi_head_attention.hpp"
+#include "effattn/layers/parameter_paths.hpp"
 #include "effattn/layers/pre_norm.hpp"
 #include "effattn/layers/repeat.hpp"
 #include "effattn/layers/residual.hpp"

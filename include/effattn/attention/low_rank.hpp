@@ -265,7 +265,7 @@ class LowRank {
 
   std::string slot_name(std::size_t s) const {
     if (config_.sharing != ProjectionSharing::none) return s == 0 ? "E" : "F";
-    return detail::concat(s % 2 == 0 ? "E_h" : "F_h", s / 2);
+    return detail::concat(s % 2 == 0 ? "E." : "F.", s / 2);
   }
 
   // The attention over projected rows: no causality, and rows made only of padding masked.

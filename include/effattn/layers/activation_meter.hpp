@@ -30,7 +30,10 @@ class ActivationMeter {
   std::atomic<std::size_t> peak_{0};
 };
 
-/// The process's meter.
+/// The process's meter. One per process by design: it is a memory figure, like a memory
+/// profiler's, and counts every model (the sum is what the process holds); atomic, so models
+/// in different threads may train at once. It never changes what a layer computes. For one
+/// model's figure, read `model.activation_bytes()`, which each layer reports itself.
 inline ActivationMeter& activation_meter() {
   static ActivationMeter meter;
   return meter;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
 
 #include "effattn/core/error.hpp"
 #include "effattn/core/sequence_shape.hpp"
@@ -34,10 +35,11 @@ class Chunked : public detail::Wrapper<L> {
   using Scalar = typename L::Scalar;
   using S = Scalar;
   static constexpr bool position_wise = true;
+  static constexpr std::string_view parameter_group = detail::parameter_group<L>();
 
   struct Config {
-    typename L::Config layer{};
-    Index chunk = 128;  ///< tokens per chunk
+    typename L::Config layer{};  ///< the wrapped layer's
+    Index chunk = 128;           ///< tokens per chunk
     Config reseeded(std::uint64_t salt) const { return {detail::reseed(layer, salt), chunk}; }
   };
 
@@ -48,7 +50,6 @@ class Chunked : public detail::Wrapper<L> {
   Index d_in() const { return fn_.d_in(); }
   Index d_out() const { return fn_.d_out(); }
   Index chunk() const { return chunk_; }
-  L& layer() { return fn_; }
 
   void set_training(bool on) { training_ = on; }
   void release_activations() { forwarded_rows_ = -1; }

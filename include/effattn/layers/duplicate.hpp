@@ -16,10 +16,10 @@ class Duplicate : public detail::Stateless {
   using Scalar = S;
   static constexpr bool position_wise = true;
   struct Config {
-    Index width = 512;
+    Index d_model = 512;  ///< input width (the output is twice as wide)
   };
-  explicit Duplicate(Config config) : width_(config.width) {
-    detail::require(width_ > 0, "Duplicate", "width", width_, "at least 1");
+  explicit Duplicate(Config config) : width_(config.d_model) {
+    detail::require(width_ > 0, "Duplicate", "d_model", width_, "at least 1");
   }
   Index d_in() const { return width_; }
   Index d_out() const { return 2 * width_; }

@@ -30,6 +30,7 @@ class FeedForward {
  public:
   using Scalar = S;
   static constexpr bool position_wise = true;
+  static constexpr std::string_view parameter_group = "feed_forward";
 
   struct Config {
     Index d_model = 512;

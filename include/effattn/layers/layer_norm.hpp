@@ -22,22 +22,23 @@ class LayerNorm {
  public:
   using Scalar = S;
   static constexpr bool position_wise = true;
+  static constexpr std::string_view parameter_group = "norm";
 
   struct Config {
-    Index width = 512;
+    Index d_model = 512;  ///< the width normalised
     double eps = 1e-5;
   };
 
   explicit LayerNorm(Config config) : config_(config) {
-    detail::require(config.width > 0, "LayerNorm", "width", config.width, "at least 1");
+    detail::require(config.d_model > 0, "LayerNorm", "d_model", config.d_model, "at least 1");
     detail::require(config.eps >= 0, "LayerNorm", "eps", config.eps, "a value ≥ 0");
-    gamma_.setOnes(1, config.width);
-    beta_.setZero(1, config.width);
+    gamma_.setOnes(1, config.d_model);
+    beta_.setZero(1, config.d_model);
     zero_grad();
   }
 
-  Index d_in() const { return config_.width; }
-  Index d_out() const { return config_.width; }
+  Index d_in() const { return config_.d_model; }
+  Index d_out() const { return config_.d_model; }
   const Config& config() const { return config_; }
 
   void set_training(bool on) {
@@ -100,8 +101,8 @@ class LayerNorm {
     f(std::string_view("beta"), beta_, g_beta_);
   }
   void zero_grad() {
-    g_gamma_.setZero(1, config_.width);
-    g_beta_.setZero(1, config_.width);
+    g_gamma_.setZero(1, config_.d_model);
+    g_beta_.setZero(1, config_.d_model);
   }
 
  private:

@@ -20,18 +20,18 @@ class MergeHalves : public detail::Stateless {
   using Scalar = S;
   static constexpr bool position_wise = true;
   struct Config {
-    Index width = 512;  ///< of each half
+    Index d_model = 512;  ///< width of each half
     Merge merge = Merge::concat;
   };
   explicit MergeHalves(Config config) : config_(config) {
-    detail::require(config.width > 0, "MergeHalves", "width", config.width, "at least 1");
+    detail::require(config.d_model > 0, "MergeHalves", "d_model", config.d_model, "at least 1");
   }
-  Index d_in() const { return 2 * config_.width; }
-  Index d_out() const { return config_.merge == Merge::mean ? config_.width : d_in(); }
+  Index d_in() const { return 2 * config_.d_model; }
+  Index d_out() const { return config_.merge == Merge::mean ? config_.d_model : d_in(); }
 
   void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
     detail::require_call("MergeHalves", x, d_in(), "y", y, d_out(), shape);
-    const Index d = config_.width;
+    const Index d = config_.d_model;
     if (config_.merge == Merge::mean)
       y = S(0.5) * (x.leftCols(d) + x.rightCols(d));
     else
@@ -39,7 +39,7 @@ class MergeHalves : public detail::Stateless {
   }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
     detail::require_backward_call("MergeHalves", x, d_in(), dy, d_out(), dx, shape);
-    const Index d = config_.width;
+    const Index d = config_.d_model;
     if (config_.merge == Merge::mean) {
       dx.leftCols(d) = S(0.5) * dy;
       dx.rightCols(d) = S(0.5) * dy;

@@ -47,6 +47,7 @@ class MultiHeadAttention {
   /// queries (K = Q = X W_q + b_q), there is no w_k or b_k, and only self-attention exists.
   static constexpr bool shared_qk = detail::policy_shares_qk<Policy>;
   static constexpr bool position_wise = false;  ///< attention mixes positions
+  static constexpr std::string_view parameter_group = "attention";
 
   struct Config {
     Index d_model = 512;

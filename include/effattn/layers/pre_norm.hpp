@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
 
 #include "effattn/core/error.hpp"
 #include "effattn/core/sequence_shape.hpp"
@@ -27,15 +28,19 @@ class PreNorm : public detail::Wrapper<F> {
   using Scalar = typename F::Scalar;
   using S = Scalar;
   static constexpr bool position_wise = F::position_wise;
+  static constexpr std::string_view parameter_group = detail::parameter_group<F>();
+  static_assert(parameter_group != "norm",
+                "effattn: PreNorm<L> files its own norm's parameters under 'norm.', so L cannot be "
+                "a norm (its parameters would have the same names).");
 
   struct Config {
-    typename F::Config fn{};
-    double eps = 1e-5;  ///< the norm's
-    Config reseeded(std::uint64_t salt) const { return {detail::reseed(fn, salt), eps}; }
+    typename F::Config layer{};  ///< the wrapped layer's
+    double eps = 1e-5;           ///< the norm's
+    Config reseeded(std::uint64_t salt) const { return {detail::reseed(layer, salt), eps}; }
   };
 
   explicit PreNorm(Config config)
-      : detail::Wrapper<F>(config.fn), norm_({.width = fn_.d_in(), .eps = config.eps}) {}
+      : detail::Wrapper<F>(config.layer), norm_({.d_model = fn_.d_in(), .eps = config.eps}) {}
 
   Index d_in() const { return fn_.d_in(); }
   Index d_out() const { return fn_.d_out(); }
@@ -93,7 +98,7 @@ class PreNorm : public detail::Wrapper<F> {
   template <class V>
   void visit_parameters(V&& f) {
     detail::visit_prefixed(norm_, "norm", f);
-    detail::visit_prefixed(fn_, "fn", f);
+    detail::visit_prefixed(fn_, parameter_group, f);
   }
 
  private:

@@ -2,6 +2,7 @@
 // Residual<L>: y = x + L(x), the skip connection around a transformer sub-layer.
 
 #include <cstdint>
+#include <string_view>
 
 #include "effattn/core/error.hpp"
 #include "effattn/core/sequence_shape.hpp"
@@ -21,14 +22,15 @@ class Residual : public detail::Wrapper<F> {
   using Scalar = typename F::Scalar;
   using S = Scalar;
   static constexpr bool position_wise = F::position_wise;
+  static constexpr std::string_view parameter_group = detail::parameter_group<F>();
 
   struct Config {
-    typename F::Config fn{};
-    Config reseeded(std::uint64_t salt) const { return {detail::reseed(fn, salt)}; }
+    typename F::Config layer{};  ///< the wrapped layer's
+    Config reseeded(std::uint64_t salt) const { return {detail::reseed(layer, salt)}; }
   };
 
-  explicit Residual(Config config) : detail::Wrapper<F>(config.fn) {
-    detail::require(fn_.d_in() == fn_.d_out(), "Residual", "fn",
+  explicit Residual(Config config) : detail::Wrapper<F>(config.layer) {
+    detail::require(fn_.d_in() == fn_.d_out(), "Residual", "layer",
                     detail::concat("a layer from ", fn_.d_in(), " to ", fn_.d_out(), " columns"),
                     "a layer whose output is as wide as its input");
   }
@@ -51,7 +53,7 @@ class Residual : public detail::Wrapper<F> {
   }
   template <class V>
   void visit_parameters(V&& f) {
-    detail::visit_prefixed(fn_, "fn", f);
+    fn_.visit_parameters(f);  // the residual adds none: its layer's names, unchanged
   }
 
  private:

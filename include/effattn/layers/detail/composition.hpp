@@ -33,6 +33,17 @@ C reseed(C config, std::uint64_t salt) {
     return config;
 }
 
+/// The group under which a layer that holds L beside something else (PreNorm: the norm and
+/// the layer) files L's parameters: L::parameter_group ("attention", "feed_forward", "norm";
+/// a wrapper passes on its layer's), or "layer" for a type without one.
+template <class L>
+constexpr std::string_view parameter_group() {
+  if constexpr (requires { L::parameter_group; })
+    return L::parameter_group;
+  else
+    return "layer";
+}
+
 /// Visits a sub-layer's parameters as "<prefix>.<name>".
 template <class L, class F>
 void visit_prefixed(L& layer, std::string_view prefix, F& f) {
@@ -44,15 +55,15 @@ void visit_prefixed(L& layer, std::string_view prefix, F& f) {
   });
 }
 
-/// What a layer that wraps one sub-layer `fn` forwards to it unchanged.
+/// What a layer that wraps one sub-layer (its config field `layer`) forwards to it unchanged.
 template <class F>
 class Wrapper {
   static_assert(assert_layer<F>());
 
  public:
   using Scalar = typename F::Scalar;
-  F& fn() { return fn_; }
-  const F& fn() const { return fn_; }
+  F& layer() { return fn_; }
+  const F& layer() const { return fn_; }
   void release_activations() { fn_.release_activations(); }
   std::size_t activation_bytes() const { return fn_.activation_bytes(); }
   void zero_grad() { fn_.zero_grad(); }

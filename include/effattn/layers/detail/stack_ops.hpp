@@ -58,7 +58,7 @@ class StackOps {
   template <class F>
   void visit_parameters(F&& f) {
     for (Index i = 0; i < self().count(); ++i)
-      self().visit(i, [&](auto& b) { visit_prefixed(b, std::to_string(i), f); });
+      self().visit(i, [&](auto& b) { visit_prefixed(b, "block." + std::to_string(i), f); });
   }
 
   void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
