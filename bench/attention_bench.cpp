@@ -1,6 +1,8 @@
 // Google Benchmark: every attention policy against the naive materialising reference,
 // in one binary and one run. Names: attention/<policy>/n:<n>/h:<h>/d:<d>/causal:<0|1>
 // (forward) and attention_train/<policy>/… (forward + backward).
+// machine/fma_peak/threads:<t> measures the machine's fp32 FMA peak (one thread and all), and
+// every attention benchmark reports peak_fraction: its GFLOPs over the all-thread peak.
 // Counters: GFLOPs (the policy's own work per second; LSH: the work its buckets gave),
 // tokens_per_s, scratch_bytes (peak workspace of all threads), saved_bytes (what forward keeps for
 // backward).
@@ -15,6 +17,16 @@ using namespace effattn;
 using namespace effattn::bench;
 
 namespace {
+
+// The all-thread FMA peak, measured once before the attention benchmarks.
+double peak_gflops = 0;
+
+void machine_peak(benchmark::State& state, int threads) {
+  double gflops = 0;
+  for (auto _ : state)
+    gflops = fma_peak_gflops(threads);
+  state.counters["GFLOPs"] = gflops;
+}
 
 std::string bench_name(const char* kind, const char* policy, const Problem& p) {
   return std::string(kind) + "/" + policy + "/n:" + std::to_string(p.n) +
@@ -37,6 +49,8 @@ void forward(benchmark::State& state, Problem p) {
   const double iterations = double(state.iterations());
   state.counters["GFLOPs"] =
       benchmark::Counter(run.flops(p, iterations) / 1e9, benchmark::Counter::kIsRate);
+  state.counters["peak_fraction"] =
+      benchmark::Counter(run.flops(p, iterations) / 1e9 / peak_gflops, benchmark::Counter::kIsRate);
   state.counters["tokens_per_s"] =
       benchmark::Counter(double(p.tokens()) * iterations, benchmark::Counter::kIsRate);
   state.counters["scratch_bytes"] = double(run.core.scratch_peak_bytes());
@@ -64,6 +78,8 @@ void train(benchmark::State& state, Problem p) {
   const double calls = double(state.iterations());
   const double work = exact ? 3.5 * exact_flops(p) * calls : 3.0 * run.flops(p, calls);
   state.counters["GFLOPs"] = benchmark::Counter(work / 1e9, benchmark::Counter::kIsRate);
+  state.counters["peak_fraction"] =
+      benchmark::Counter(work / 1e9 / peak_gflops, benchmark::Counter::kIsRate);
   state.counters["scratch_bytes"] = double(run.core.scratch_peak_bytes());
   state.counters["saved_bytes"] = double(run.core.saved_bytes());
   state.SetComplexityN(p.n);
@@ -97,7 +113,17 @@ using LowRankMeanPooling = LowRank<S, MeanPooling>;
 }  // namespace
 
 int main(int argc, char** argv) {
-  benchmark::AddCustomContext("effattn.machine", machine_description(max_threads()));
+  const int threads = max_threads();
+  peak_gflops = fma_peak_gflops(threads);
+  benchmark::AddCustomContext("effattn.machine", machine_description(threads));
+  benchmark::AddCustomContext("effattn.fma_peak_gflops", std::to_string(peak_gflops));
+  for (const int t : {1, threads}) {
+    benchmark::RegisterBenchmark(("machine/fma_peak/threads:" + std::to_string(t)).c_str(),
+                                 machine_peak, t)
+        ->Iterations(1)
+        ->Unit(benchmark::kMillisecond);
+    if (threads == 1) break;
+  }
   register_policy<NaiveAttention>("naive", 8192, 4096);
   register_policy<FullAttention>("full", 16384, 8192);
   register_policy<Favor>("favor", 1 << 20, 65536);

@@ -16,6 +16,8 @@ using namespace effattn::bench;
 
 namespace {
 
+double peak = 1;  // the measured all-thread FMA peak, GFLOP/s
+
 // ‖out − exact‖_F / ‖exact‖_F over a sample of query rows of every head, exact in double.
 // With shared_qk (LSH), the exact function is shared-QK attention: keys k̂_j = q_j/‖q_j‖,
 // a token's own key only when nothing else is visible.
@@ -105,9 +107,9 @@ Row measure_policy(const char* name, const Problem& p) {
 
 void print(const Row& r) {
   if (r.skipped) {
-    std::printf("| %-7s | %6s | %7lld | %10s | %8s | %11s | %-10s |\n", r.policy.c_str(),
+    std::printf("| %-7s | %6s | %7lld | %10s | %8s | %6s | %11s | %-10s |\n", r.policy.c_str(),
                 r.problem.causal ? "yes" : "no", static_cast<long long>(r.problem.n), "-", "-", "-",
-                r.why.c_str());
+                "-", r.why.c_str());
     return;
   }
   char error[32];
@@ -115,8 +117,9 @@ void print(const Row& r) {
     std::snprintf(error, sizeof error, "%s", r.error_note);
   else
     std::snprintf(error, sizeof error, "%.1e", r.error);
-  std::printf("| %-7s | %6s | %7lld | %10.2f | %8.1f | %11.2f | %10s |\n", r.policy.c_str(),
-              r.problem.causal ? "yes" : "no", static_cast<long long>(r.problem.n), r.ms, r.gflops,
+  std::printf("| %-7s | %6s | %7lld | %10.2f | %8.1f | %5.0f%% | %11.2f | %10s |\n",
+              r.policy.c_str(), r.problem.causal ? "yes" : "no",
+              static_cast<long long>(r.problem.n), r.ms, r.gflops, 100 * r.gflops / peak,
               r.scratch_mib, error);
   std::fflush(stdout);
 }
@@ -125,11 +128,15 @@ void print(const Row& r) {
 
 int main() {
   const int threads = max_threads();
+  peak = fma_peak_gflops(threads);
   std::printf("effattn policy comparison: %s\n", machine_description(threads).c_str());
+  std::printf("measured fp32 FMA peak: %.0f GFLOP/s on %d threads (%.0f on one)\n", peak, threads,
+              fma_peak_gflops(1));
   std::printf(
       "fp32, batch 1, 8 heads of d = 64, attention core only (projections excluded).\n"
       "time: median wall time of 3-7 runs; GFLOP/s: the policy's own work per second;\n"
-      "scratch: peak workspace of all threads; error: ||out - exact|| / ||exact|| on 128\n"
+      "%% peak: GFLOP/s over the measured FMA peak; scratch: peak workspace of all threads; error: "
+      "||out - exact|| / ||exact|| on 128\n"
       "query rows per head, exact attention computed naively in double.\n"
       "favor: m = 256 features. lowrank: dense k = 256 projections as initialised; Linformer\n"
       "learns E and F, so against exact attention these random ones would measure no model\n"
@@ -138,9 +145,11 @@ int main() {
       "lsh: 4 rounds, chunks of 64, about 2n/64 buckets; its error is against exact\n"
       "shared-QK attention (keys = normalised queries), the function it approximates.\n\n");
   std::printf(
-      "| policy  | causal |       n |  time (ms) |  GFLOP/s | scratch MiB | rel. error |\n");
+      "| policy  | causal |       n |  time (ms) |  GFLOP/s | %% peak | scratch MiB | rel. error "
+      "|\n");
   std::printf(
-      "|---------|--------|---------|------------|----------|-------------|------------|\n");
+      "|---------|--------|---------|------------|----------|--------|-------------|------------"
+      "|\n");
   for (const bool causal : {false, true})
     for (const Index n : {1024, 4096, 16384}) {
       const Problem p{n, 8, 64, 1, causal};

@@ -105,6 +105,32 @@ TEMPLATE_TEST_CASE("FullAttention forward equals the naive reference", "[full][f
   }
 }
 
+TEST_CASE("FullAttention's packed float kernel at awkward shapes, with its default tiles",
+          "[full][forward][kernel]") {
+  // Default tiles (96 queries × 512 keys), so the micro-kernel's row and panel tails, several
+  // key tiles, the causal diagonal inside a tile and padding in the first and last tiles occur.
+  const FullAttention<float> attn;
+  for (const Index d : {1, 3, 64, 80, 128, 256})
+    for (const Problem base :
+         {Problem{131, 1030, 0, 0}, Problem{7, 600, 0, 0, true}, Problem{600, 600, 0, 0, true},
+          Problem{97, 1030, 0, 0, false, 5}, Problem{200, 1030, 0, 0, true, 1027}}) {
+      Problem p = base;
+      p.d_k = d;
+      p.d_v = d == 1 ? 3 : d;
+      CAPTURE(p.n_q, p.n_k, d, p.causal, p.key_length);
+      const Inputs<float> in(p, 7, 1.5);
+      Workspace ws;
+      typename FullAttention<float>::Saved saved = attn.make_saved(p.n_q, p.n_k);
+      const Matrix<float> out = run_forward(attn, p, in, &saved, ws);
+      const MatD expected =
+          reference::attention(in.q.cast<double>(), in.k.cast<double>(), in.v.cast<double>(),
+                               1.0 / std::sqrt(double(d)), mask_of(p));
+      CHECK(reference::relative_error(out, expected) < 2e-5);
+      CHECK(ws.growths() == 0);
+      CHECK(ws.peak_bytes() <= attn.scratch_bytes(p.n_q, p.n_k, p.d_k, p.d_v));
+    }
+}
+
 TEMPLATE_TEST_CASE("FullAttention on query slices equals one call on the whole head",
                    "[full][forward]", float, double) {
   using S = TestType;

@@ -7,78 +7,72 @@
 #include <limits>
 #include <type_traits>
 
+#include "effattn/core/simd.hpp"
 #include "effattn/core/types.hpp"
 
 namespace effattn::detail {
-
-#if defined(__GNUC__)  // GCC and Clang: explicit SIMD through vector extensions
-using Floats16 = float __attribute__((vector_size(64)));
-using Ints16 = std::int32_t __attribute__((vector_size(64)));
-
-/// exp of 16 floats: Cody–Waite reduction x = k·ln2 + r, |r| ≤ ln2/2, then a degree-6
-/// polynomial (relative error < 3e-7 over the range softmax uses, x ≤ 0). x below −87
-/// (including −∞, a masked logit) gives exactly 0; NaN stays NaN.
-/// Why not Eigen's exp: this one does the same job in ~24 vector instructions, which makes
-/// the softmax between the two products of attention about 1.5× cheaper.
-/// (By reference: 64-byte vectors passed by value have a target-dependent ABI, and GCC
-/// warns about that in every translation unit built without AVX-512.)
-[[gnu::always_inline]] inline void exp_nonpositive(const Floats16& x, Floats16& e) {
-  constexpr float lo = -87.0f, log2e = 1.44269504088896341f;
-  constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-  const Floats16 xc = x > lo ? x : lo;  // also maps NaN to lo, so the int conversion is defined
-  const Ints16 k = __builtin_convertvector(xc * log2e - 0.5f, Ints16);  // round(x/ln2), x ≤ 0
-  const Floats16 kf = __builtin_convertvector(k, Floats16);
-  const Floats16 r = (xc - kf * ln2_hi) - kf * ln2_lo;
-  Floats16 p = r * (1.0f / 720) + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  e = reinterpret_cast<Floats16>(reinterpret_cast<Ints16>(p) + (k << 23));
-  e = x < lo ? 0.0f : e;
-  e = x != x ? x : e;
-}
-#endif
 
 /// row[j] ← exp(row[j] − shift) for j < n; returns the sum of the new values.
 /// For softmax, shift is at least the row maximum, so every argument is ≤ 0.
 template <class S>
 S exp_shifted_sum(S* row, Index n, S shift) {
-#if defined(__GNUC__)
-  if constexpr (std::is_same_v<S, float>) {
-    Floats16 acc = {};
+  if constexpr (std::is_same_v<S, float> && simd::enabled) {
+    using simd::Vec;
+    constexpr int w = simd::width;
+    Vec acc = {};
     Index j = 0;
-    for (; j + 16 <= n; j += 16) {
-      Floats16 x;
-      std::memcpy(&x, row + j, sizeof x);
-      x -= shift;
-      Floats16 e;
-      exp_nonpositive(x, e);
-      std::memcpy(row + j, &e, sizeof e);
+    for (; j + w <= n; j += w) {
+      const Vec e = simd::exp_nonpositive(simd::load(row + j) - shift);
+      simd::store(row + j, e);
       acc += e;
     }
-    float sum = 0;
     if (j < n) {  // the tail, padded with −∞ (which gives 0)
-      Floats16 x;
-      for (int i = 0; i < 16; ++i)
-        x[i] = j + i < n ? row[j + i] - shift : -std::numeric_limits<float>::infinity();
-      Floats16 e;
-      exp_nonpositive(x, e);
+      Vec x = simd::broadcast(-std::numeric_limits<float>::infinity());
+      for (Index i = 0; j + i < n; ++i)
+        x[i] = row[j + i] - shift;
+      const Vec e = simd::exp_nonpositive(x);
       for (Index i = 0; j + i < n; ++i)
         row[j + i] = e[i];
       acc += e;
     }
-    for (int i = 0; i < 16; ++i)
-      sum += acc[i];
-    return sum;
+    return simd::sum(acc);
   }
-#endif
   // Eigen's exp clamps its argument, so −∞ would give a tiny positive number: select 0.
   Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> values(row, n);
   const S lowest = std::log(std::numeric_limits<S>::denorm_min());
   values = (values - shift < lowest).select(S(0), (values - shift).exp());
   return values.sum();
+}
+
+/// The largest of row[0 … n) (−∞ for n = 0). NaN-agnostic on the fast path: a NaN logit is
+/// skipped here but reaches the output through exp and the row sum; only a row whose logits
+/// are all NaN returns NaN, found by a second look when nothing else was seen.
+template <class S>
+S max_of(const S* row, Index n) {
+  constexpr S neg_inf = -std::numeric_limits<S>::infinity();
+  S best = neg_inf;
+  Index j = 0;
+  if constexpr (std::is_same_v<S, float> && simd::enabled) {
+    using simd::Vec;
+    constexpr int w = simd::width;
+    const auto larger = [](Vec a, Vec b) { return a > b ? a : b; };
+    Vec m0 = simd::broadcast(neg_inf), m1 = m0, m2 = m0, m3 = m0;  // four independent chains
+    for (; j + 4 * w <= n; j += 4 * w) {
+      m0 = larger(m0, simd::load(row + j));
+      m1 = larger(m1, simd::load(row + j + w));
+      m2 = larger(m2, simd::load(row + j + 2 * w));
+      m3 = larger(m3, simd::load(row + j + 3 * w));
+    }
+    for (; j + w <= n; j += w)
+      m0 = larger(m0, simd::load(row + j));
+    best = simd::fold(larger(larger(m0, m1), larger(m2, m3)), larger);
+  }
+  for (; j < n; ++j)
+    best = row[j] > best ? row[j] : best;
+  if (best == neg_inf)
+    for (Index i = 0; i < n; ++i)
+      if (row[i] != row[i]) return row[i];
+  return best;
 }
 
 /// One step of the online softmax over a tile of logits (rows = queries).

@@ -1,0 +1,106 @@
+#pragma once
+// The forward kernel of exact attention in float: FlashAttention-2's loop on packed panels.
+
+#include <algorithm>
+#include <cstddef>
+#include <limits>
+
+#include "effattn/attention/head_context.hpp"
+#include "effattn/core/micro_kernel.hpp"
+#include "effattn/core/simd.hpp"
+#include "effattn/core/softmax.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/core/workspace.hpp"
+
+namespace effattn::detail::full {
+
+/// Query and key rows per tile of the packed kernel.
+struct PackedTiles {
+  Index query, key;
+};
+
+/// Workspace packed_forward takes.
+inline std::size_t packed_forward_bytes(Index n_q, Index n_k, Index d_k, Index d_v, PackedTiles t) {
+  using W = Workspace;
+  const Index br = std::min(t.query, n_q), bc = kernel::padded(std::min(t.key, n_k));
+  return W::bytes_for<float>(kernel::padded(n_k) * d_k) +  // K, packed transposed
+         W::bytes_for<float>(kernel::padded(d_v) * n_k) +  // V, packed in column panels
+         W::bytes_for<float>(br * d_k) +                   // the scaled query tile
+         W::bytes_for<float>(br * bc) +                    // logits, then probabilities
+         W::bytes_for<float>(br * kernel::padded(d_v)) +   // the output tile
+         3 * W::bytes_for<float>(br);                      // running max, sum, rescale
+}
+
+/// out = softmax(s·q kᵀ + mask) v for one head (see FullAttention), writing each row's
+/// log-sum-exp to lse when it is given. K and V are packed once per call into the panels the
+/// micro-kernel streams; per query tile, every key tile runs S = Q·Kᵀ on the micro-kernel, the
+/// mask (only on tiles the diagonal or the padding crosses), the online softmax step (native
+/// exp) and O = rescale·O + P·V on the micro-kernel with the rescale folded into its store.
+template <class KeyEnd>
+void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<float> v, View<float> out,
+                    float* lse, float scale, Index key_length, KeyEnd&& key_end, PackedTiles t,
+                    Workspace& ws) {
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  const Index n_q = q.rows(), d_k = q.cols(), d_v = v.cols(), keys = key_length;
+  const Index dv_pad = kernel::padded(d_v), n_pad = std::max<Index>(keys, 1);
+  Workspace::Frame frame(ws);
+  float* kp = ws.take<float>(kernel::padded(keys) * d_k);
+  float* vp = ws.take<float>(dv_pad * n_pad);
+  kernel::pack_transposed(k.data(), k.outerStride(), keys, d_k, kp);
+  kernel::pack_rows(v.data(), v.outerStride(), keys, d_v, vp);
+  const Index br = std::min(t.query, n_q),
+              bc = kernel::padded(std::min(t.key, std::max<Index>(keys, 1)));
+  float* qs = ws.take<float>(br * d_k);
+  float* p = ws.take<float>(br * bc);
+  float* o = ws.take<float>(br * dv_pad);
+  float* m = ws.take<float>(br);
+  float* l = ws.take<float>(br);
+  float* alpha = ws.take<float>(br);
+
+  for (Index i0 = 0; i0 < n_q; i0 += br) {
+    const Index rows = std::min(br, n_q - i0);
+    for (Index r = 0; r < rows; ++r) {
+      const float* in = q.data() + (i0 + r) * q.outerStride();
+      for (Index c = 0; c < d_k; ++c)
+        qs[r * d_k + c] = scale * in[c];
+    }
+    std::fill(o, o + rows * dv_pad, 0.0f);
+    std::fill(m, m + rows, neg_inf);
+    std::fill(l, l + rows, 0.0f);
+    // key_end grows with the row: the last row bounds what any row sees, the first what all do.
+    const Index key_stop = key_end(i0 + rows - 1), unmasked = key_end(i0);
+    for (Index j0 = 0; j0 < key_stop; j0 += bc) {
+      const Index cols = std::min(bc, key_stop - j0);
+      kernel::gemm(rows, cols, d_k, qs, d_k, kp + j0 * d_k, kernel::panel * d_k, p, bc);
+      const bool masked = j0 + cols > unmasked;
+      for (Index r = 0; r < rows; ++r) {
+        float* row = p + r * bc;
+        const Index visible = masked ? std::clamp<Index>(key_end(i0 + r) - j0, 0, cols) : cols;
+        std::fill(row + visible, row + cols, neg_inf);
+        const float row_max = max_of(row, visible);
+        const float m_new = (row_max > m[r] || row_max != row_max) ? row_max : m[r];
+        if (m_new == neg_inf) {  // nothing visible yet: no contribution, nothing to rescale
+          std::fill(row, row + cols, 0.0f);
+          alpha[r] = 1.0f;
+          continue;
+        }
+        const float sum = exp_shifted_sum(row, cols, m_new);
+        alpha[r] = m_new == m[r] ? 1.0f : std::exp(m[r] - m_new);
+        l[r] = alpha[r] * l[r] + sum;
+        m[r] = m_new;
+      }
+      kernel::gemm(rows, d_v, cols, p, bc, vp + j0 * kernel::panel, kernel::panel * n_pad, o,
+                   dv_pad, alpha);
+    }
+    for (Index r = 0; r < rows; ++r) {
+      // l is 0 only for a row that saw no key; NaN input keeps it NaN, and so the output.
+      const float inv = l[r] == 0.0f ? 0.0f : 1.0f / l[r];
+      float* dst = out.data() + (i0 + r) * out.outerStride();
+      for (Index c = 0; c < d_v; ++c)
+        dst[c] = l[r] == 0.0f ? 0.0f : o[r * dv_pad + c] * inv;
+      if (lse) lse[i0 + r] = row_logsumexp(m[r], l[r]);
+    }
+  }
+}
+
+}  // namespace effattn::detail::full
