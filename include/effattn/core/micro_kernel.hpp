@@ -7,8 +7,10 @@
 // row after row (k × panel floats, contiguous; columns past n are zero). Each micro-tile keeps
 // `tile_rows` × `panel` accumulators in registers for the whole depth k, broadcasting one
 // element of A per row and streaming one row of the panel per step (the shape of BLIS's and
-// MLAS's kernels). Accumulating, C = scale_r · C + A·B with a per-row scale: attention's
-// output rescale, folded into the store.
+// MLAS's kernels). A is read through two strides, so a row-major matrix and the transpose of
+// one (attention's backward needs Pᵀ and dSᵀ) feed it without a copy. The product is stored,
+// added (C += A·B), or added to a rescaled C (C = diag(scale)·C + A·B: attention's output
+// rescale, folded into the store).
 
 #include <algorithm>
 #include <cstddef>
@@ -33,6 +35,22 @@ inline constexpr Index panel = 8;
 inline constexpr Index tile_rows = 4;
 #endif
 
+/// The left operand: A[i][t] = data[i·row_stride + t·depth_stride]. Row-major A has
+/// depth_stride 1; the transpose of a row-major matrix with row stride ld has row_stride 1 and
+/// depth_stride ld.
+struct Rows {
+  const float* data;
+  Index row_stride;
+  Index depth_stride = 1;
+};
+
+/// How the product reaches C.
+enum class Update {
+  assign,   ///< C = A·B
+  add,      ///< C += A·B
+  rescale,  ///< C = diag(scale)·C + A·B
+};
+
 /// Columns rounded up to whole panels.
 constexpr Index padded(Index cols) {
   return (cols + panel - 1) / panel * panel;
@@ -41,14 +59,15 @@ constexpr Index padded(Index cols) {
 /// Packs columns [0, cols) of the rows of `src` (rows × ≥cols, row stride ld), transposed:
 /// dst gets src's columns as panel rows, i.e. B = srcᵀ (for S = Q·Kᵀ with src = K: panel p is
 /// keys p·panel …, row t of a panel is feature t). `rows` keys, `depth` = cols features.
-/// dst: padded(rows) × depth floats.
-inline void pack_transposed(const float* src, Index ld, Index rows, Index depth, float* dst) {
+/// dst: padded(rows) × depth floats, each multiplied by `scale`.
+inline void pack_transposed(const float* src, Index ld, Index rows, Index depth, float* dst,
+                            float scale = 1.0f) {
   for (Index p0 = 0; p0 < rows; p0 += panel) {
     const Index width = std::min<Index>(panel, rows - p0);
     float* out = dst + p0 * depth;
     for (Index t = 0; t < depth; ++t) {
       for (Index c = 0; c < width; ++c)
-        out[t * panel + c] = src[(p0 + c) * ld + t];
+        out[t * panel + c] = scale * src[(p0 + c) * ld + t];
       for (Index c = width; c < panel; ++c)
         out[t * panel + c] = 0.0f;
     }
@@ -73,17 +92,17 @@ inline void pack_rows(const float* src, Index ld, Index rows, Index cols, float*
 
 #if defined(__GNUC__)
 /// One micro-tile: M rows of A times one panel of B over depth k, into c (row stride ldc,
-/// `panel` columns written, or `cols` < panel for the last panel). Overwrite (scale null) or
-/// c = scale[r]·c + A·B.
-template <int M>
-[[gnu::always_inline]] inline void micro_tile(Index k, const float* a, Index lda, const float* b,
-                                              float* c, Index ldc, Index cols, const float* scale) {
+/// `panel` columns written, or `cols` < panel for the last panel), updated as U says.
+template <int M, Update U>
+[[gnu::always_inline]] inline void micro_tile(Index k, Rows a, const float* b, float* c, Index ldc,
+                                              Index cols, const float* scale) {
   Vec acc[M][vectors] = {};
-  for (Index t = 0; t < k; ++t) {
+  const float* at = a.data;
+  for (Index t = 0; t < k; ++t, at += a.depth_stride) {
     const Vec b0 = simd::load(b + t * panel), b1 = simd::load(b + t * panel + lanes);
 #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {
-      const float ai = a[i * lda + t];
+      const float ai = at[i * a.row_stride];
       acc[i][0] += ai * b0;
       acc[i][1] += ai * b1;
     }
@@ -94,33 +113,39 @@ template <int M>
     if (cols == panel) {
       for (int v = 0; v < vectors; ++v) {
         Vec out = acc[i][v];
-        if (scale) out += scale[i] * simd::load(row + v * lanes);
+        if constexpr (U == Update::add) out += simd::load(row + v * lanes);
+        if constexpr (U == Update::rescale) out += scale[i] * simd::load(row + v * lanes);
         simd::store(row + v * lanes, out);
       }
     } else {
       for (Index j = 0; j < cols; ++j) {
         const float x = acc[i][j / lanes][j % lanes];
-        row[j] = scale ? scale[i] * row[j] + x : x;
+        if constexpr (U == Update::assign) row[j] = x;
+        if constexpr (U == Update::add) row[j] += x;
+        if constexpr (U == Update::rescale) row[j] = scale[i] * row[j] + x;
       }
     }
   }
 }
 
-template <int M>
-void rows_of_tiles(Index m, Index n, Index k, const float* a, Index lda, const float* b,
-                   Index panel_stride, float* c, Index ldc, const float* scale) {
+template <int M, Update U>
+void rows_of_tiles(Index m, Index n, Index k, Rows a, const float* b, Index panel_stride, float* c,
+                   Index ldc, const float* scale) {
   for (Index p0 = 0, p = 0; p0 < n; p0 += panel, ++p) {
     const Index cols = std::min<Index>(panel, n - p0);
     const float* bp = b + p * panel_stride;
     Index i = 0;
+    const auto rows_from = [&](Index i) {
+      return Rows{a.data + i * a.row_stride, a.row_stride, a.depth_stride};
+    };
     for (; i + M <= m; i += M)
-      micro_tile<M>(k, a + i * lda, lda, bp, c + i * ldc + p0, ldc, cols,
-                    scale ? scale + i : nullptr);
+      micro_tile<M, U>(k, rows_from(i), bp, c + i * ldc + p0, ldc, cols,
+                       scale ? scale + i : nullptr);
     const Index rest = m - i;
     if (rest == 0) continue;
     [&]<int... R>(std::integer_sequence<int, R...>) {
-      ((rest == R + 1 ? micro_tile<R + 1>(k, a + i * lda, lda, bp, c + i * ldc + p0, ldc, cols,
-                                          scale ? scale + i : nullptr)
+      ((rest == R + 1 ? micro_tile<R + 1, U>(k, rows_from(i), bp, c + i * ldc + p0, ldc, cols,
+                                             scale ? scale + i : nullptr)
                       : void()),
        ...);
     }
@@ -129,20 +154,30 @@ void rows_of_tiles(Index m, Index n, Index k, const float* a, Index lda, const f
 }
 #endif
 
-/// C[m × n] = A[m × k]·B (scale null), or C = diag(scale)·C + A·B. B is packed: panel p (columns
-/// p·panel …) starts at b + p·panel_stride and holds k rows of `panel` floats.
-inline void gemm(Index m, Index n, Index k, const float* a, Index lda, const float* b,
-                 Index panel_stride, float* c, Index ldc, const float* scale = nullptr) {
+/// C[m × n] (update) A[m × k]·B. B is packed: panel p (columns p·panel …) starts at
+/// b + p·panel_stride and holds k rows of `panel` floats. `scale` (m values) is read only by
+/// Update::rescale.
+inline void gemm(Index m, Index n, Index k, Rows a, const float* b, Index panel_stride, float* c,
+                 Index ldc, Update update = Update::assign, const float* scale = nullptr) {
 #if defined(__GNUC__)
-  rows_of_tiles<int(tile_rows)>(m, n, k, a, lda, b, panel_stride, c, ldc, scale);
+  constexpr int M = int(tile_rows);
+  switch (update) {
+    case Update::assign:
+      return rows_of_tiles<M, Update::assign>(m, n, k, a, b, panel_stride, c, ldc, scale);
+    case Update::add:
+      return rows_of_tiles<M, Update::add>(m, n, k, a, b, panel_stride, c, ldc, scale);
+    case Update::rescale:
+      return rows_of_tiles<M, Update::rescale>(m, n, k, a, b, panel_stride, c, ldc, scale);
+  }
 #else
   for (Index i = 0; i < m; ++i)
     for (Index j = 0; j < n; ++j) {
       const float* bp = b + (j / panel) * panel_stride + j % panel;
       float x = 0;
       for (Index t = 0; t < k; ++t)
-        x += a[i * lda + t] * bp[t * panel];
-      c[i * ldc + j] = scale ? scale[i] * c[i * ldc + j] + x : x;
+        x += a.data[i * a.row_stride + t * a.depth_stride] * bp[t * panel];
+      float& out = c[i * ldc + j];
+      out = update == Update::assign ? x : update == Update::add ? out + x : scale[i] * out + x;
     }
 #endif
 }

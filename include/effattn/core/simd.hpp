@@ -38,11 +38,6 @@ using IVec = std::int32_t __attribute__((vector_size(width * sizeof(float))));
   return Vec{} + x;
 }
 
-/// Lane-wise maximum that keeps NaN: a NaN in x wins, so it reaches the softmax's output.
-[[gnu::always_inline]] inline Vec max_keep_nan(Vec m, Vec x) {
-  return (x > m) | (x != x) ? x : m;
-}
-
 /// v with its upper `half` lanes brought down: lane i of the result is lane i % half + half.
 template <int Half, int... I>
 [[gnu::always_inline]] inline Vec upper(Vec v, std::integer_sequence<int, I...>) {
@@ -60,10 +55,6 @@ template <class Op>
 }
 [[gnu::always_inline]] inline float sum(Vec v) {
   return fold(v, [](Vec a, Vec b) { return a + b; });
-}
-/// The largest lane, NaN if any lane is NaN.
-[[gnu::always_inline]] inline float max(Vec v) {
-  return fold(v, max_keep_nan);
 }
 
 /// exp(x) for x ≤ 0: Cody–Waite reduction x = k·ln2 + r, |r| ≤ ln2/2, then a degree-6

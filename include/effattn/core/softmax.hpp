@@ -1,6 +1,7 @@
 #pragma once
 // Online (streaming) softmax over tiles of logits: FlashAttention's running max and sum.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -75,29 +76,32 @@ S max_of(const S* row, Index n) {
   return best;
 }
 
-/// One step of the online softmax over a tile of logits (rows = queries).
-/// For each row r: m' = max(m[r], max_j logits(r, j)); logits(r, :) ← exp(logits − m');
-/// rescale[r] = exp(m[r] − m'); sum[r] ← rescale[r]·sum[r] + Σ_j exp(logits − m'); m[r] ← m'.
-/// A row whose logits are all −∞ so far (masked) keeps m = −∞, gets zeros and rescale 1,
-/// so a fully masked row never produces NaN.
+/// One row of the online softmax: with m' = max(m, max_j row[j]), row[j] ← exp(row[j] − m'),
+/// sum ← rescale·sum + Σ_j row[j] and m ← m', where rescale = exp(m − m') is returned (1, with
+/// no exp, when the maximum did not rise). A row whose logits are all −∞ so far (masked) keeps
+/// m = −∞, gets zeros and rescale 1, so a fully masked row never produces NaN; a NaN logit
+/// reaches the sum (and the output) through exp.
+template <class S>
+S online_softmax_row(S* row, Index n, S& m, S& sum) {
+  const S row_max = max_of(row, n);
+  const S m_new = (row_max > m || row_max != row_max) ? row_max : m;
+  if (m_new == -std::numeric_limits<S>::infinity()) {
+    std::fill(row, row + n, S(0));
+    return S(1);
+  }
+  const S row_sum = exp_shifted_sum(row, n, m_new);
+  const S rescale = m_new == m ? S(1) : S(std::exp(m - m_new));
+  sum = rescale * sum + row_sum;
+  m = m_new;
+  return rescale;
+}
+
+/// One step of the online softmax over a row-major tile of logits (rows = queries):
+/// online_softmax_row on each row, rescale[r] receiving its factor.
 template <class S, class Tile>
 void online_softmax_step(Tile& logits, S* m, S* sum, S* rescale) {
-  constexpr S neg_inf = -std::numeric_limits<S>::infinity();
-  for (Index r = 0; r < logits.rows(); ++r) {
-    auto row = logits.row(r).array();
-    // PropagateNaN so that a NaN logit reaches the output instead of being masked away.
-    const S row_max = row.template maxCoeff<Eigen::PropagateNaN>();
-    const S m_new = (row_max > m[r] || std::isnan(row_max)) ? row_max : m[r];
-    if (m_new == neg_inf) {
-      row.setZero();
-      rescale[r] = S(1);
-      continue;
-    }
-    const S row_sum = exp_shifted_sum(&logits(r, 0), logits.cols(), m_new);
-    rescale[r] = std::exp(m[r] - m_new);
-    sum[r] = rescale[r] * sum[r] + row_sum;
-    m[r] = m_new;
-  }
+  for (Index r = 0; r < logits.rows(); ++r)
+    rescale[r] = online_softmax_row(&logits(r, 0), logits.cols(), m[r], sum[r]);
 }
 
 /// log-sum-exp of a finished row from its running max and sum; +∞ marks an empty

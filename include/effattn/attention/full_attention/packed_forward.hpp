@@ -71,26 +71,16 @@ void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<float> v, 
     const Index key_stop = key_end(i0 + rows - 1), unmasked = key_end(i0);
     for (Index j0 = 0; j0 < key_stop; j0 += bc) {
       const Index cols = std::min(bc, key_stop - j0);
-      kernel::gemm(rows, cols, d_k, qs, d_k, kp + j0 * d_k, kernel::panel * d_k, p, bc);
+      kernel::gemm(rows, cols, d_k, {qs, d_k}, kp + j0 * d_k, kernel::panel * d_k, p, bc);
       const bool masked = j0 + cols > unmasked;
       for (Index r = 0; r < rows; ++r) {
         float* row = p + r * bc;
         const Index visible = masked ? std::clamp<Index>(key_end(i0 + r) - j0, 0, cols) : cols;
         std::fill(row + visible, row + cols, neg_inf);
-        const float row_max = max_of(row, visible);
-        const float m_new = (row_max > m[r] || row_max != row_max) ? row_max : m[r];
-        if (m_new == neg_inf) {  // nothing visible yet: no contribution, nothing to rescale
-          std::fill(row, row + cols, 0.0f);
-          alpha[r] = 1.0f;
-          continue;
-        }
-        const float sum = exp_shifted_sum(row, cols, m_new);
-        alpha[r] = m_new == m[r] ? 1.0f : std::exp(m[r] - m_new);
-        l[r] = alpha[r] * l[r] + sum;
-        m[r] = m_new;
+        alpha[r] = online_softmax_row(row, cols, m[r], l[r]);
       }
-      kernel::gemm(rows, d_v, cols, p, bc, vp + j0 * kernel::panel, kernel::panel * n_pad, o,
-                   dv_pad, alpha);
+      kernel::gemm(rows, d_v, cols, {p, bc}, vp + j0 * kernel::panel, kernel::panel * n_pad, o,
+                   dv_pad, kernel::Update::rescale, alpha);
     }
     for (Index r = 0; r < rows; ++r) {
       // l is 0 only for a row that saw no key; NaN input keeps it NaN, and so the output.
