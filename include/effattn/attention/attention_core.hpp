@@ -127,10 +127,10 @@ class AttentionCore {
     // A policy with parameters shared by every problem adds its gradient per worker (fixed
     // schedule), then reduces the workers' sums in order: the same bits on every call.
     constexpr bool reduces = requires(Policy & p) {
-      p.begin_backward(1);
+      p.begin_backward(1, Index{1});
       p.end_backward();
     };
-    if constexpr (reduces) policy_.begin_backward(threads);
+    if constexpr (reduces) policy_.begin_backward(threads, n_k);
     parallel_for(
         q_shape.batch * h, threads,
         [&](Index problem, int slot) {

@@ -128,7 +128,9 @@ class Favor {
                                       2 * W::bytes_for<S>(c * d_v) + 8 * W::bytes_for<S>(c);
     const std::size_t state =
         4 * W::bytes_for<S>(f * d_v) + 4 * W::bytes_for<S>(f) + W::bytes_for<S>(d_v);
-    return chunk_buffers + state + W::bytes_for<S>(n_q) + W::bytes_for<S>(n_q / c + 2);
+    const Index p = product_extent(n_q, n_k, d_v);
+    return chunk_buffers + state + W::bytes_for<S>(n_q) + W::bytes_for<S>(n_q / c + 2) +
+           Products::bytes(Products::capacity(p, p));
   }
 
   void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved*,
@@ -140,27 +142,28 @@ class Favor {
     const Index keys = ctx.key_length;
     out.setZero();
     if (keys == 0) return;
+    const Products mul = products(ws, n_q, k.rows(), d_v);
     // Blocks hold what a loop fills: query chunks, key chunks (causal: the query chunks).
-    Block qb = block(ws, std::min(c, n_q)), kb = block(ws, std::min(c, k.rows()));
+    Block qb = block(ws, mul, std::min(c, n_q)), kb = block(ws, mul, std::min(c, k.rows()));
     auto state = ws.matrix<S>(f, d_v);  // Σ K'ᵀV
     auto z = ws.matrix<S>(1, f);        // Σ K'
     auto den = ws.matrix<S>(std::min(c, n_q), 1);
     state.setZero();
     z.setZero();
     if (!ctx.causal) {
-      summarise_keys(k.topRows(keys), v.topRows(keys), w, kb, state, z, ws);
+      summarise_keys(k.topRows(keys), v.topRows(keys), w, kb, state, z, mul, ws);
       for (Index i0 = 0; i0 < n_q; i0 += c) {
         const Index rows = std::min(c, n_q - i0);
         qb.compute(q.middleRows(i0, rows), w, Shift::own, epsilon_);
         auto o = out.middleRows(i0, rows);
-        mul<false>(o, qb.phi(), state);
+        mul.assign(o, qb.phi(), state);
         auto dl = den.topRows(rows);
         dl.noalias() = qb.phi() * z.transpose();
         normalise(o, dl);
       }
       return;
     }
-    Prefix run(ws, std::min(c, n_q));
+    Prefix run(ws, mul, std::min(c, n_q));
     for (Index t0 = 0; t0 < n_q; t0 += c) {
       const Index rows = std::min(c, n_q - t0);
       const Index valid = std::clamp<Index>(keys - t0, 0, rows);  // padded keys are at the end
@@ -169,10 +172,10 @@ class Favor {
       const auto al = run.enter(qb, kb);
       auto o = out.middleRows(t0, rows);
       auto dl = den.topRows(rows);
-      mul<false>(o, qb.phi(), state);
+      mul.assign(o, qb.phi(), state);
       dl.noalias() = qb.phi() * z.transpose();
       run.scale_by_alpha(o, dl);
-      mul<true>(o, al, v.middleRows(t0, rows));
+      mul.add(o, al, v.middleRows(t0, rows));
       dl += al.rowwise().sum();
       normalise(o, dl);
       run.advance(kb, v.middleRows(t0, rows), state, z);
@@ -191,7 +194,8 @@ class Favor {
     d_k.setZero();
     d_v.setZero();
     if (keys == 0) return;
-    Block qb = block(ws, std::min(c, n_q)), kb = block(ws, std::min(c, k.rows()));
+    const Products mul = products(ws, n_q, k.rows(), dv);
+    Block qb = block(ws, mul, std::min(c, n_q)), kb = block(ws, mul, std::min(c, k.rows()));
     auto state = ws.matrix<S>(f, dv);
     auto z = ws.matrix<S>(1, f);
     auto r_state = ws.matrix<S>(f, dv);  // Σ Q'ᵀ dnum over the queries that see a key
@@ -214,7 +218,7 @@ class Favor {
     };
 
     if (!ctx.causal) {
-      const S shift = summarise_keys(k.topRows(keys), v.topRows(keys), w, kb, state, z, ws);
+      const S shift = summarise_keys(k.topRows(keys), v.topRows(keys), w, kb, state, z, mul, ws);
       for (Index i0 = 0; i0 < n_q; i0 += c) {
         const Index rows = std::min(c, n_q - i0);
         qb.compute(q.middleRows(i0, rows), w, Shift::own, epsilon_);
@@ -222,19 +226,19 @@ class Favor {
         dl.noalias() = qb.phi() * z.transpose();
         output_grads(i0, rows, dl);
         auto dp = d_phi.topRows(rows);
-        mul<false>(dp, dnum.topRows(rows), state.transpose());
+        mul.assign(dp, dnum.topRows(rows), state.transpose());
         dp.noalias() += dden.topRows(rows) * z;
         qb.backward(dp, w, d_q.middleRows(i0, rows));
-        mul<true>(r_state, qb.phi().transpose(), dnum.topRows(rows));
+        mul.add(r_state, qb.phi().transpose(), dnum.topRows(rows));
         r_z.noalias() += dden.topRows(rows).transpose() * qb.phi();
       }
       for (Index j0 = 0; j0 < keys; j0 += c) {
         const Index rows = std::min(c, keys - j0);
         kb.compute(k.middleRows(j0, rows), w, Shift::common, key_epsilon(false), -1, shift);
         auto dp = d_phi.topRows(rows);
-        mul<false>(dp, v.middleRows(j0, rows), r_state.transpose());
+        mul.assign(dp, v.middleRows(j0, rows), r_state.transpose());
         dp.rowwise() += r_z.row(0);
-        mul<false>(d_v.middleRows(j0, rows), kb.phi(), r_state);
+        mul.assign(d_v.middleRows(j0, rows), kb.phi(), r_state);
         kb.backward(dp, w, d_k.middleRows(j0, rows));
       }
       return;
@@ -245,12 +249,12 @@ class Favor {
     // accumulates the Σ_{i ≥ j} terms for dK and dV in the frame of the chunk's shift.
     S* den_all = ws.take<S>(n_q);
     S* shifts = ws.take<S>(n_q / c + 2);  // shifts[t]: the state's shift before chunk t
-    Prefix run(ws, std::min(c, n_q));
+    Prefix run(ws, mul, std::min(c, n_q));
     auto l = ws.matrix<S>(std::min(c, n_q), std::min(c, n_q));
     // tril(dnum·Vᵀ + dden·1ᵀ) ∘ E: the loss's derivative by the chunk's weighted products.
     auto local_grads = [&](Index rows, const auto& v_chunk) {
       auto ll = l.topLeftCorner(rows, rows);
-      mul<false>(ll, dnum.topRows(rows), v_chunk.transpose());
+      mul.assign(ll, dnum.topRows(rows), v_chunk.transpose());
       ll.colwise() += dden.topRows(rows).col(0);
       ll.array() *= run.weights(rows).array();
       return ll;
@@ -270,10 +274,10 @@ class Favor {
       output_grads(t0, rows, den_chunk);
       auto ll = local_grads(rows, v.middleRows(t0, rows));
       auto dp = d_phi.topRows(rows);
-      mul<false>(dp, dnum.topRows(rows), state.transpose());
+      mul.assign(dp, dnum.topRows(rows), state.transpose());
       dp.noalias() += dden.topRows(rows) * z;
       run.scale_by_alpha(dp);
-      mul<true>(dp, ll, kb.phi());
+      mul.add(dp, ll, kb.phi());
       qb.backward(dp, w, d_q.middleRows(t0, rows));
       run.advance(kb, v.middleRows(t0, rows), state, z);
     }
@@ -292,13 +296,13 @@ class Favor {
       // Later chunks' queries, through r_state and r_z (kept in the frame of `after`).
       auto dp = d_phi.topRows(rows);
       auto dvc = d_v.middleRows(t0, rows);
-      mul<false>(dp, v.middleRows(t0, rows), r_state.transpose());
+      mul.assign(dp, v.middleRows(t0, rows), r_state.transpose());
       dp.rowwise() += r_z.row(0);
-      mul<false>(dvc, kb.phi(), r_state);
+      mul.assign(dvc, kb.phi(), r_state);
       run.scale_by_beta(dp, after, kb);
       run.scale_by_beta(dvc, after, kb);
-      mul<true>(dp, ll.transpose(), qb.phi());
-      mul<true>(dvc, al.transpose(), dnum.topRows(rows));
+      mul.add(dp, ll.transpose(), qb.phi());
+      mul.add(dvc, al.transpose(), dnum.topRows(rows));
       if (valid < rows) {  // padded keys: no gradient
         dvc.bottomRows(rows - valid).setZero();
         dp.bottomRows(rows - valid).setZero();
@@ -311,7 +315,7 @@ class Favor {
       r_z *= rescale;
       auto qs = qb.phi();
       run.scale_by_alpha(qs);
-      mul<true>(r_state, qs.transpose(), dnum.topRows(rows));
+      mul.add(r_state, qs.transpose(), dnum.topRows(rows));
       r_z.noalias() += dden.topRows(rows).transpose() * qs;
     }
   }
@@ -321,16 +325,21 @@ class Favor {
   using Block = detail::favor::FeatureBlock<S, Map>;
   using Prefix = detail::favor::CausalPrefix<S>;
   using Shift = detail::favor::Shift;
+  using Products = detail::Products<S>;
 
-  Block block(Workspace& ws, Index capacity) const {
-    return Block(ws, capacity, layout_.d_key, config_.features, input_scale());
+  Block block(Workspace& ws, const Products& mul, Index capacity) const {
+    return Block(ws, mul, capacity, layout_.d_key, config_.features, input_scale());
   }
 
-  // Every product through sliced_product: operands as wide as the features would otherwise
-  // make Eigen pack on the heap.
-  template <bool Accumulate, class D, class A, class B>
-  static void mul(D&& dst, const A& a, const B& b) {
-    detail::sliced_product<Accumulate>(std::forward<D>(dst), a, b);
+  // The products' pack buffer covers every operand b of this policy: at most P × P with P the
+  // largest of the feature width, the head widths and the chunk.
+  Index product_extent(Index n_q, Index n_k, Index d_v) const {
+    return std::max(
+        {feature_width(), layout_.d_key, d_v, std::min(config_.chunk, std::max(n_q, n_k))});
+  }
+  Products products(Workspace& ws, Index n_q, Index n_k, Index d_v) const {
+    const Index p = product_extent(n_q, n_k, d_v);
+    return Products(ws, Products::capacity(p, p));
   }
 
   // Causal keys get no ε from a stabilised map: their features are relative to their own
@@ -351,7 +360,7 @@ class Favor {
   // ε is added at the end as if to every key feature. Returns the shift.
   template <class St, class Z>
   S summarise_keys(ConstView<S> k, ConstView<S> v, const Matrix<S>& w, Block& kb, St& state, Z& z,
-                   Workspace& ws) const {
+                   const Products& mul, Workspace& ws) const {
     Workspace::Frame frame(ws);
     auto v_sum = ws.matrix<S>(1, v.cols());
     v_sum.setZero();
@@ -365,7 +374,7 @@ class Favor {
         z *= rescale;
       }
       shift = next;
-      mul<true>(state, kb.phi().transpose(), v.middleRows(j0, rows));
+      mul.add(state, kb.phi().transpose(), v.middleRows(j0, rows));
       z.noalias() += kb.phi().colwise().sum();
       v_sum.noalias() += v.middleRows(j0, rows).colwise().sum();
     }

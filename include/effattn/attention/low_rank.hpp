@@ -232,12 +232,13 @@ class LowRank {
 
   /// Around a parallel backward (AttentionCore calls these): learned projections add their
   /// gradients into one partial sum per worker, then into the gradient in worker order, so
-  /// repeated calls on the same thread count give the same bits. Without them (a backward
-  /// called directly) gradients are added under a lock.
-  void begin_backward(int workers) {
+  /// repeated calls on the same thread count give the same bits; n_k (the keys per sequence of
+  /// the call) bounds the columns the partial sums need. Without them (a backward called
+  /// directly) gradients are added under a lock.
+  void begin_backward(int workers, Index n_k) {
     if constexpr (Proj::learned)
       for (auto& s : slots_)
-        s->begin_backward(workers);
+        s->begin_backward(workers, n_k);
   }
   void end_backward() {
     if constexpr (Proj::learned)

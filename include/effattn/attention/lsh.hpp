@@ -257,7 +257,7 @@ class LSHAttention {
           if (rescale != S(1)) out.row(t) *= rescale;
           m[t] = row_max[a];
         }
-        o_c.noalias() = p * chunk.vs.topRows(chunk.keys);
+        chunk.mul.assign(o_c, p, chunk.vs.topRows(chunk.keys));
         for (Index a = 0; a < rows; ++a)
           out.row(rounds.order[q0 + a]) += o_c.row(a);
       }
@@ -307,18 +307,18 @@ class LSHAttention {
         }
         auto d_o_c = d_o.topRows(m);
         auto d_vs_c = d_vs.topRows(keys);
-        d_vs_c.noalias() = p.transpose() * d_o_c;
+        chunk.mul.assign(d_vs_c, p.transpose(), d_o_c);
         auto dp_c = dp.topLeftCorner(m, keys);
-        dp_c.noalias() = d_o_c * chunk.vs.topRows(keys).transpose();
+        chunk.mul.assign(dp_c, d_o_c, chunk.vs.topRows(keys).transpose());
         for (Index a = 0; a < m; ++a) {
           const S da = delta[rounds.order[q0 + a]];
           dp_c.row(a) = (p.row(a).array() * (dp_c.row(a).array() - da)).matrix();
           dp_c(a, chunk.self[a]) = S(0);  // the self logit is a constant
         }
         auto d_qs_c = d_qs.topRows(m);
-        d_qs_c.noalias() = dp_c * chunk.ks.topRows(keys);
+        chunk.mul.assign(d_qs_c, dp_c, chunk.ks.topRows(keys));
         auto d_ks_c = d_ks.topRows(keys);
-        d_ks_c.noalias() = dp_c.transpose() * chunk.qs.topRows(m);  // qs carries the scale
+        chunk.mul.assign(d_ks_c, dp_c.transpose(), chunk.qs.topRows(m));  // qs carries the scale
         for (Index a = 0; a < m; ++a)
           d_q.row(rounds.order[q0 + a]) += d_qs_c.row(a);
         for (Index b = 0; b < keys; ++b) {

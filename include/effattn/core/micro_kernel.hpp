@@ -135,8 +135,8 @@ void rows_of_tiles(Index m, Index n, Index k, Rows a, const float* b, Index pane
     const Index cols = std::min<Index>(panel, n - p0);
     const float* bp = b + p * panel_stride;
     Index i = 0;
-    const auto rows_from = [&](Index i) {
-      return Rows{a.data + i * a.row_stride, a.row_stride, a.depth_stride};
+    const auto rows_from = [&](Index first) {
+      return Rows{a.data + first * a.row_stride, a.row_stride, a.depth_stride};
     };
     for (; i + M <= m; i += M)
       micro_tile<M, U>(k, rows_from(i), bp, c + i * ldc + p0, ldc, cols,

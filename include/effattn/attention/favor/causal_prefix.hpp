@@ -6,7 +6,7 @@
 #include <cmath>
 #include <limits>
 
-#include "effattn/core/product.hpp"
+#include "effattn/core/packed_product.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 
@@ -21,8 +21,9 @@ namespace effattn::detail::favor {
 template <class S>
 class CausalPrefix {
  public:
-  CausalPrefix(Workspace& ws, Index capacity)
-      : running_(ws.take<S>(capacity)),
+  CausalPrefix(Workspace& ws, const Products<S>& products, Index capacity)
+      : products_(&products),
+        running_(ws.take<S>(capacity)),
         a_(ws.matrix<S>(capacity, capacity)),
         e_(ws.matrix<S>(capacity, capacity)) {}
 
@@ -44,7 +45,7 @@ class CausalPrefix {
     }
     next_ = rows_ > 0 ? running_[rows_ - 1] : shift_;
     auto al = a_.topLeftCorner(rows_, rows_);
-    sliced_product<false>(al, qb.phi(), kb.phi().transpose());
+    products_->assign(al, qb.phi(), kb.phi().transpose());
     al.array() *= weights(rows_).array();
     return al;
   }
@@ -78,7 +79,7 @@ class CausalPrefix {
     }
     auto k = kb.phi();
     scale_by_beta(k, next_, kb);
-    sliced_product<true>(state, k.transpose(), v);
+    products_->add(state, k.transpose(), v);
     z.noalias() += k.colwise().sum();
     shift_ = next_;
   }
@@ -90,6 +91,7 @@ class CausalPrefix {
     return shift_ == minus_infinity ? S(0) : std::exp(shift_ - running_[i]);
   }
 
+  const Products<S>* products_;
   S* running_;
   Eigen::Map<Matrix<S>, Eigen::Aligned64> a_, e_;
   Index rows_ = 0;

@@ -5,7 +5,7 @@
 #include <limits>
 
 #include "effattn/attention/feature_maps/feature_map.hpp"
-#include "effattn/core/product.hpp"
+#include "effattn/core/packed_product.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 
@@ -21,9 +21,12 @@ template <class S, FeatureMap Map>
 class FeatureBlock {
  public:
   /// Room for `capacity` rows of width d, with `features` random directions; inputs are
-  /// multiplied by `input_scale` (d^{-1/4} for a map that estimates softmax) first.
-  FeatureBlock(Workspace& ws, Index capacity, Index d, Index features, S input_scale)
-      : xs_(ws.matrix<S>(capacity, d)),
+  /// multiplied by `input_scale` (d^{-1/4} for a map that estimates softmax) first. Products
+  /// run through `products`, which must outlive the block.
+  FeatureBlock(Workspace& ws, const Products<S>& products, Index capacity, Index d, Index features,
+               S input_scale)
+      : products_(&products),
+        xs_(ws.matrix<S>(capacity, d)),
         z_(ws.matrix<S>(capacity, features)),
         phi_(ws.matrix<S>(capacity, Map::width * features)),
         shifts_(ws.take<S>(capacity)),
@@ -43,7 +46,7 @@ class FeatureBlock {
     valid_ = valid < 0 ? rows_ : valid;
     const Index m = features_;
     xs().noalias() = input_scale_ * x;
-    sliced_product<false>(z(), xs(), w.transpose());
+    products_->assign(z(), xs(), w.transpose());
     S common = floor;
     for (Index r = 0; r < valid_; ++r) {
       shifts_[r] = Map::log_max(&z_(r, 0), m, half_norm(r));
@@ -76,7 +79,7 @@ class FeatureBlock {
       phi().row(r).array() += epsilon_;
       dx.row(r) = dh * xs().row(r);  // ∂h/∂x' = x'
     }
-    sliced_product<true>(dx, dz, w);
+    products_->add(dx, dz, w);
     dx *= input_scale_;
   }
 
@@ -92,6 +95,7 @@ class FeatureBlock {
  private:
   S half_norm(Index r) { return xs().row(r).squaredNorm() / 2; }
 
+  const Products<S>* products_;
   Eigen::Map<Matrix<S>, Eigen::Aligned64> xs_, z_, phi_;
   S* shifts_;
   Index capacity_, features_, rows_ = 0, valid_ = 0;

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "effattn/attention/lsh/lsh_config.hpp"
+#include "effattn/core/packed_product.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 
@@ -163,14 +164,22 @@ struct GatheredChunk {
         p(ws.matrix<S>(rows_, width_)),
         token(ws.take<std::int32_t>(width_)),
         self(ws.take<std::int32_t>(rows_)),
-        row_max(ws.take<S>(rows_)) {}
+        row_max(ws.take<S>(rows_)),
+        mul(ws, products_capacity(rows_, width_, q.cols(), v.cols())) {}
 
   // What the constructor takes from a workspace.
   static std::size_t bytes(Index c, Index w, Index d_k, Index d_v) {
     using W = Workspace;
     return W::bytes_for<S>(c * d_k) + W::bytes_for<S>(w * d_k) + W::bytes_for<S>(w * d_v) +
            W::bytes_for<S>(c * w) + W::bytes_for<std::int32_t>(w) + W::bytes_for<std::int32_t>(c) +
-           W::bytes_for<S>(c);
+           W::bytes_for<S>(c) + Products<S>::bytes(products_capacity(c, w, d_k, d_v));
+  }
+  // The largest operand b the chunk's products pack: ksᵀ or vsᵀ (d × w), vs or ks (w × d), and
+  // backward's query-side rows (c × d, c ≤ w).
+  static Index products_capacity(Index c, Index w, Index d_k, Index d_v) {
+    const Index d = std::max(d_k, d_v);
+    return std::max(
+        {Products<S>::capacity(d, w), Products<S>::capacity(w, d), Products<S>::capacity(c, d)});
   }
 
   // Gathers the queries of chunk ci and the keys of its window, and writes their masked
@@ -194,7 +203,7 @@ struct GatheredChunk {
       }
     });
     auto pm = p.topLeftCorner(m, keys);
-    pm.noalias() = qs.topRows(m) * ks.topRows(keys).transpose();
+    mul.assign(pm, qs.topRows(m), ks.topRows(keys).transpose());
     constexpr S neg_inf = -std::numeric_limits<S>::infinity();
     for (Index a = 0; a < m; ++a) {
       const std::int32_t i = rounds.order[q0 + a];
@@ -225,6 +234,7 @@ struct GatheredChunk {
   std::int32_t* token;                                    // original position of each gathered key
   std::int32_t* self;                                     // column of each row's own key
   S* row_max;
+  Products<S> mul;  // the chunk's products (and the policy's, on the chunk's operands)
   Index keys = 0;
 };
 

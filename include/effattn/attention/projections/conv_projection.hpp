@@ -59,7 +59,7 @@ class ConvProjection : public detail::Windows {
     }
     sums_.add(worker, 1, kernel, [&](Matrix<S>& g) { g += d_f; });
   }
-  void begin_backward(int workers) { sums_.begin(workers, 1, kernel()); }
+  void begin_backward(int workers, Index /*n*/) { sums_.begin(workers, 1, kernel(), kernel()); }
   void end_backward() { sums_.end(); }
 
   template <class F>

@@ -1,6 +1,7 @@
 #pragma once
 // DenseProjection: Linformer's learned projection E along the sequence (k × n_max).
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <string_view>
@@ -9,7 +10,7 @@
 #include "effattn/attention/projections/sequence_projection.hpp"
 #include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
-#include "effattn/core/product.hpp"
+#include "effattn/core/packed_product.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 
@@ -20,7 +21,8 @@ namespace effattn {
 /// tokens uses the first n columns; more than n_max is an error. Padding tokens are treated
 /// as zero rows, which makes a padded sequence of valid length L behave exactly as an
 /// unpadded one of length L. Every output row mixes every token, so none is masked.
-/// Cost 2·k·n·w forward, twice that backward (dx and dE).
+/// Cost 2·k·n·w forward, twice that backward (dx and dE); in float the products run on the
+/// micro-kernel (core/packed_product.hpp), E read in place.
 template <class S = float>
 class DenseProjection {
  public:
@@ -52,34 +54,41 @@ class DenseProjection {
                                    " tokens (the longest sequence the projection E was made for)"));
   }
 
-  std::size_t scratch_bytes(Index, Index) const {
-    return Workspace::bytes_for<S>(config_.k * column_block);
+  std::size_t scratch_bytes(Index n, Index w) const {
+    return std::max(Products::bytes(forward_capacity(n, w)), Products::bytes(backward_capacity(w)));
   }
 
-  void forward(ConstView<S> x, Index valid, View<S> y, Workspace&) const {
+  void forward(ConstView<S> x, Index valid, View<S> y, Workspace& ws) const {
     if (valid == 0) {
       y.setZero();
       return;
     }
-    detail::sliced_product<false>(y, weight_.leftCols(valid), x.topRows(valid));
+    Workspace::Frame frame(ws);
+    const Products mul(ws, forward_capacity(valid, x.cols()));
+    for (Index j0 = 0; j0 < valid; j0 += column_block) {
+      const Index cols = std::min(column_block, valid - j0);
+      if (j0 == 0)
+        mul.assign(y, weight_.leftCols(cols), x.topRows(cols));
+      else
+        mul.add(y, weight_.middleCols(j0, cols), x.middleRows(j0, cols));
+    }
   }
 
   void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace& ws,
                 int worker = 0) {
     Workspace::Frame frame(ws);
-    auto d_e = ws.matrix<S>(config_.k, std::min(column_block, std::max<Index>(valid, 1)));
+    const Products mul(ws, backward_capacity(x.cols()));
     for (Index j0 = 0; j0 < valid; j0 += column_block) {
       const Index cols = std::min(column_block, valid - j0);
-      detail::sliced_product<false>(dx.middleRows(j0, cols),
-                                    weight_.middleCols(j0, cols).transpose(), dy);
-      auto de = d_e.leftCols(cols);
-      detail::sliced_product<false>(de, dy, x.middleRows(j0, cols).transpose());
-      sums_.add(worker, config_.k, config_.n_max,
-                [&](Matrix<S>& g) { g.middleCols(j0, cols) += de; });
+      mul.assign(dx.middleRows(j0, cols), weight_.middleCols(j0, cols).transpose(), dy);
+      sums_.add(worker, config_.k, config_.n_max, [&](Matrix<S>& g) {
+        mul.add(g.middleCols(j0, cols), dy, x.middleRows(j0, cols).transpose());
+      });
     }
     dx.bottomRows(x.rows() - valid).setZero();
   }
-  void begin_backward(int workers) { sums_.begin(workers, config_.k, config_.n_max); }
+  /// Before a parallel backward on sequences of n tokens: partial sums of dE's first n columns.
+  void begin_backward(int workers, Index n) { sums_.begin(workers, config_.k, config_.n_max, n); }
   void end_backward() { sums_.end(); }
 
   template <class F>
@@ -101,9 +110,19 @@ class DenseProjection {
   const Matrix<S>& gradient() const { return sums_.gradient(); }
 
  private:
-  // Tokens per step of backward: dE for this many columns is made in scratch, then added
-  // to the worker's partial sum.
-  static constexpr Index column_block = 256;
+  using Products = detail::Products<S>;
+
+  // Tokens per step: forward adds E's columns times x's rows a block at a time, backward makes
+  // dx and dE of a block at a time, so the packed operands stay O(column_block·w).
+  static constexpr Index column_block = 1024;
+  // Forward packs a block of x (≤ column_block × w); backward packs dy (k × w), then a block
+  // of xᵀ (w × column_block).
+  static Index forward_capacity(Index n, Index w) {
+    return Products::capacity(std::min(n, column_block), w);
+  }
+  Index backward_capacity(Index w) const {
+    return std::max(Products::capacity(config_.k, w), Products::capacity(w, column_block));
+  }
 
   Config config_;
   Matrix<S> weight_;

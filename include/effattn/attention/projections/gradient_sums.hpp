@@ -1,6 +1,7 @@
 #pragma once
 // GradientSums: a learned projection's gradient, summed per worker for a reproducible backward.
 
+#include <algorithm>
 #include <cstddef>
 #include <mutex>
 #include <vector>
@@ -13,9 +14,12 @@ namespace effattn {
 namespace detail {
 
 /// A learned projection's gradient and, during a parallel backward, one partial sum per
-/// worker: begin(workers, …) zeroes them, add(worker, f) lets f add to the worker's sum,
-/// end() adds the sums to the gradient in worker order (bitwise reproducible for a fixed
-/// worker count). Outside begin/end, add goes straight to the gradient under a lock.
+/// worker: begin(workers, rows, cols, used) zeroes them, add(worker, f) lets f add to the
+/// worker's sum, end() adds the sums to the gradient in worker order (bitwise reproducible for
+/// a fixed worker count). The partial sums cover only the first `used` columns the call can
+/// touch (Linformer's E: the call's tokens, not n_max), so a call on short sequences neither
+/// zeroes nor adds a whole k × n_max matrix per worker. Outside begin/end, add goes straight to
+/// the gradient under a lock.
 template <class S>
 class GradientSums {
  public:
@@ -29,12 +33,13 @@ class GradientSums {
     if (gradient_.size() > 0) gradient_.setZero();
   }
 
-  void begin(int workers, Index rows, Index cols) {
+  void begin(int workers, Index rows, Index cols, Index used) {
     gradient(rows, cols);
     if (partial_.size() < static_cast<std::size_t>(workers))
       partial_.resize(static_cast<std::size_t>(workers));
+    used_ = std::min(used, cols);
     for (auto& p : partial_)
-      p.setZero(rows, cols);
+      p.setZero(rows, used_);
     active_ = workers;
   }
   template <class F>
@@ -48,13 +53,14 @@ class GradientSums {
   }
   void end() {
     for (int w = 0; w < active_; ++w)
-      gradient_ += partial_[static_cast<std::size_t>(w)];
+      gradient_.leftCols(used_) += partial_[static_cast<std::size_t>(w)];
     active_ = 0;
   }
 
  private:
   Matrix<S> gradient_;
-  std::vector<Matrix<S>> partial_;  // one per worker, kept between calls (no reallocation)
+  std::vector<Matrix<S>> partial_;  // one per worker: rows × used_ (reallocated when used_ changes)
+  Index used_ = 0;
   int active_ = 0;
   CopyableMutex lock_;
 };

@@ -23,11 +23,11 @@ namespace effattn {
 ///   forward(x, valid, y, ws)    rows of x at or past `valid` are padding: treated as zero
 ///   backward(x, valid, dy, dx, ws, worker)  writes dx (0 on padding); learned projections
 ///                               also add to their gradient: into worker's partial sum
-///                               between begin_backward(workers) and end_backward() (which
+///                               between begin_backward(workers, n) and end_backward() (which
 ///                               adds the partial sums in worker order), else under a lock
 ///   learned                     whether it has parameters; a learned projection also has
-///                               visit_parameters(f, label), zero_grad(), begin_backward(workers)
-///                               and end_backward()
+///                               visit_parameters(f, label), zero_grad(), begin_backward(workers,
+///                               n) and end_backward()
 template <class P>
 concept SequenceProjection = requires(P& p, const P& cp, const typename P::Config& config,
                                       ConstView<typename P::Scalar> x, View<typename P::Scalar> y,
