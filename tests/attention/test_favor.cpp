@@ -229,10 +229,45 @@ TEST_CASE("Favor: projection access, redraw, large inputs, bad configuration", "
 
   CHECK_THROWS_WITH(Favor<float>({.features = 0}, HeadLayout{1, 8, 8, 0}),
                     Catch::Contains("'features'"));
-  CHECK_THROWS_WITH(Favor<float>({.chunk = 0}, HeadLayout{1, 8, 8, 0}), Catch::Contains("'chunk'"));
+  CHECK_THROWS_WITH(Favor<float>({.chunk = -1}, HeadLayout{1, 8, 8, 0}),
+                    Catch::Contains("'chunk'"));
   CHECK_THROWS_WITH(favor.validate(10, 12, d, d, true), Catch::Contains("causal FAVOR+"));
   CHECK_THROWS_WITH(favor.validate(10, 10, d + 1, d, false), Catch::Contains("'d_k'"));
   CHECK_THROWS_WITH(b.set_projection(0, Matrix<float>(16, 7)), Catch::Contains("16×8"));
+}
+
+TEST_CASE("Favor's automatic chunk: 64 tokens causal, 128 bidirectional", "[favor]") {
+  const Index n = 300, d = 8;  // several chunks of either size, and a tail
+  Matrix<float> q(n, d), k(n, d), v(n, d), d_out(n, d);
+  CounterRng(21).fill_normal(q, 0.5);
+  CounterRng(22).fill_normal(k, 0.5);
+  CounterRng(23).fill_normal(v);
+  CounterRng(24).fill_normal(d_out);
+  const Favor<float> automatic({.features = 16}, HeadLayout{1, d, d, 5});
+  CHECK(automatic.chunk(true) == 64);
+  CHECK(automatic.chunk(false) == 128);
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    const Favor<float> fixed({.features = 16, .chunk = causal ? 64 : 128}, HeadLayout{1, d, d, 5});
+    const HeadContext ctx{0, 0, 0, n, 0, causal};
+    Matrix<float> outs[2], grads[2][3];
+    for (int which = 0; which < 2; ++which) {
+      const Favor<float>& favor = which == 0 ? automatic : fixed;
+      Workspace ws;
+      ws.reserve(favor.scratch_bytes(n, n, d, d));
+      Favor<float>::Saved saved;
+      outs[which].resize(n, d);
+      favor.forward(q, k, v, outs[which], &saved, ctx, ws);
+      for (auto& g : grads[which])
+        g.resize(n, d);
+      favor.backward(q, k, v, outs[which], d_out, saved, grads[which][0], grads[which][1],
+                     grads[which][2], ctx, ws);
+      CHECK(ws.growths() == 0);  // the automatic chunk's scratch is planned for both modes
+    }
+    CHECK(outs[0] == outs[1]);
+    for (int g = 0; g < 3; ++g)
+      CHECK(grads[0][g] == grads[1][g]);
+  }
 }
 
 TEST_CASE("MultiHeadAttention<Favor> trains: gradients match finite differences",
