@@ -245,17 +245,10 @@ class LSHAttention {
         pairs += double(rows * chunk.keys);
         auto p = chunk.p.topLeftCorner(rows, chunk.keys);
         auto o_c = o.topRows(rows);
-        S* row_max = chunk.row_max;
         for (Index a = 0; a < rows; ++a) {  // every row has its own key: max ≥ −1e5
           const Index t = rounds.order[q0 + a];
-          const S row = p.row(a).template maxCoeff<Eigen::PropagateNaN>();
-          row_max[a] = std::max(row, m[t]);
-          if (std::isnan(row)) row_max[a] = row;
-          const S sum = detail::exp_shifted_sum(&p(a, 0), p.cols(), row_max[a]);
-          const S rescale = m[t] == neg_inf ? S(0) : std::exp(m[t] - row_max[a]);
-          z[t] = rescale * z[t] + sum;
+          const S rescale = detail::online_softmax_row(&p(a, 0), p.cols(), m[t], z[t]);
           if (rescale != S(1)) out.row(t) *= rescale;
-          m[t] = row_max[a];
         }
         chunk.mul.assign(o_c, p, chunk.vs.topRows(chunk.keys));
         for (Index a = 0; a < rows; ++a)

@@ -164,7 +164,6 @@ struct GatheredChunk {
         p(ws.matrix<S>(rows_, width_)),
         token(ws.take<std::int32_t>(width_)),
         self(ws.take<std::int32_t>(rows_)),
-        row_max(ws.take<S>(rows_)),
         mul(ws, products_capacity(rows_, width_, q.cols(), v.cols())) {}
 
   // What the constructor takes from a workspace.
@@ -172,7 +171,7 @@ struct GatheredChunk {
     using W = Workspace;
     return W::bytes_for<S>(c * d_k) + W::bytes_for<S>(w * d_k) + W::bytes_for<S>(w * d_v) +
            W::bytes_for<S>(c * w) + W::bytes_for<std::int32_t>(w) + W::bytes_for<std::int32_t>(c) +
-           W::bytes_for<S>(c) + Products<S>::bytes(products_capacity(c, w, d_k, d_v));
+           Products<S>::bytes(products_capacity(c, w, d_k, d_v));
   }
   // The largest operand b the chunk's products pack: ksᵀ or vsᵀ (d × w), vs or ks (w × d), and
   // backward's query-side rows (c × d, c ≤ w).
@@ -233,7 +232,6 @@ struct GatheredChunk {
   Eigen::Map<Matrix<S>, Eigen::Aligned64> qs, ks, vs, p;  // queries (scaled), keys, values
   std::int32_t* token;                                    // original position of each gathered key
   std::int32_t* self;                                     // column of each row's own key
-  S* row_max;
   Products<S> mul;  // the chunk's products (and the policy's, on the chunk's operands)
   Index keys = 0;
 };

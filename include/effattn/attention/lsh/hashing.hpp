@@ -13,6 +13,7 @@
 
 #include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
+#include "effattn/core/packed_product.hpp"
 #include "effattn/core/parallel.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
@@ -145,7 +146,8 @@ inline constexpr Index hash_rows = 256;
 template <class S>
 std::size_t hashing_bytes(Index n, Index d_k, Index rounds, const BucketPlan& bp) {
   return Workspace::bytes_for<S>(d_k * rounds * bp.columns()) +
-         Workspace::bytes_for<S>(std::min(hash_rows, n) * rounds * bp.columns());
+         Workspace::bytes_for<S>(std::min(hash_rows, n) * rounds * bp.columns()) +
+         Products<S>::bytes(Products<S>::capacity(d_k, rounds * bp.columns()));
 }
 
 /// bucket[round·n + t] for the first `length` keys of k and every round: the angular argmax
@@ -165,9 +167,10 @@ void hash_keys(ConstView<S> k, Index length, Index rounds, const BucketPlan& bp,
   for (Index round = 0; round < rounds; ++round)
     rotation(round, cols, rot.middleCols(round * cols, cols));
   auto proj = ws.matrix<S>(std::min(hash_rows, std::max<Index>(length, 1)), rounds * cols);
+  const Products<S> mul(ws, Products<S>::capacity(k.cols(), rounds * cols));
   for (Index t0 = 0; t0 < length; t0 += hash_rows) {
     const Index rows = std::min(hash_rows, length - t0);
-    proj.topRows(rows).noalias() = k.middleRows(t0, rows) * rot;
+    mul.assign(proj.topRows(rows), k.middleRows(t0, rows), rot);
     for (Index i = 0; i < rows; ++i)
       for (Index round = 0; round < rounds; ++round) {
         const S* x = &proj(i, round * cols);
