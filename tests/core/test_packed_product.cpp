@@ -69,6 +69,35 @@ TEMPLATE_TEST_CASE("Products equal double products for row-major and transposed 
   }
 }
 
+TEMPLATE_TEST_CASE("Products with a kept (packed once) operand equal those that pack it each time",
+                   "[kernel]", float, double) {
+  using S = TestType;
+  const Index m = 19, n = 37, k = 45;
+  Matrix<S> a(m, k), b_store(n + 2, k + 3), c1(m, n), c2(m, n);
+  CounterRng(9).fill_normal(a);
+  CounterRng(10).fill_normal(b_store);
+  CounterRng(11).fill_normal(c1);
+  c2 = c1;
+  const auto b = b_store.block(1, 2, n, k).transpose();  // k × n, read through strides
+  Workspace ws;
+  const Index floats = detail::Products<S>::capacity(k, n);
+  ws.reserve(detail::Products<S>::bytes(floats) + detail::Products<S>::kept_bytes(k, n));
+  const detail::Products<S> mul(ws, floats);
+  const auto kept = mul.keep(ws, b);
+  for (int round = 0; round < 2; ++round) {  // the kept panels serve any number of products
+    mul.add(c1, a, b);
+    mul.add(c2, a, kept);
+    CHECK(c1 == c2);
+    mul.assign(c1, a, b);
+    mul.assign(c2, a, kept);
+    CHECK(c1 == c2);
+  }
+  CHECK(reference::relative_error(c2,
+                                  (a.template cast<double>() * b.template cast<double>()).eval()) <
+        (std::is_same_v<S, float> ? 1e-5 : 1e-13));
+  CHECK(ws.growths() == 0);
+}
+
 TEST_CASE("The micro-kernel's rescaling update: C = diag(scale)·C + A·B", "[kernel]") {
   const Index m = 29, n = 45, k = 17;
   Matrix<float> a(m, k), b(k, n), c(m, n);

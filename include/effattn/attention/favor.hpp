@@ -136,7 +136,11 @@ class Favor {
         4 * W::bytes_for<S>(f * d_v) + 4 * W::bytes_for<S>(f) + W::bytes_for<S>(d_v);
     const Index p = product_extent(n_q, n_k, d_v);
     const Index shifts = n_q / std::min(chunk(false), chunk(true)) + 2;  // causal backward
-    return chunk_buffers + state + W::bytes_for<S>(n_q) + W::bytes_for<S>(shifts) +
+    // W packed for the call; bidirectional states packed once complete (forward: the state;
+    // backward: its transpose, then r_state and its transpose).
+    const std::size_t kept = Directions::bytes(config_.features, d_k) +
+                             2 * Products::kept_bytes(f, d_v) + 2 * Products::kept_bytes(d_v, f);
+    return chunk_buffers + state + kept + W::bytes_for<S>(n_q) + W::bytes_for<S>(shifts) +
            Products::bytes(Products::capacity(p, p));
   }
 
@@ -144,12 +148,12 @@ class Favor {
                const HeadContext& ctx, Workspace& ws) const {
     const detail::EigenSingleThreadScope serial_products;
     Workspace::Frame frame(ws);
-    const Matrix<S>& w = projection(ctx.head);
     const Index n_q = q.rows(), d_v = v.cols(), f = feature_width(), c = chunk(ctx.causal);
     const Index keys = ctx.key_length;
     out.setZero();
     if (keys == 0) return;
     const Products mul = products(ws, n_q, k.rows(), d_v);
+    const Directions w(mul, ws, projection(ctx.head));
     // Blocks hold what a loop fills: query chunks, key chunks (causal: the query chunks).
     Block qb = block(ws, mul, std::min(c, n_q)), kb = block(ws, mul, std::min(c, k.rows()));
     auto state = ws.matrix<S>(f, d_v);  // Σ K'ᵀV
@@ -159,11 +163,12 @@ class Favor {
     z.setZero();
     if (!ctx.causal) {
       summarise_keys(k.topRows(keys), v.topRows(keys), w, kb, state, z, mul, ws);
+      const auto state_packed = mul.keep(ws, state);  // fixed from here on
       for (Index i0 = 0; i0 < n_q; i0 += c) {
         const Index rows = std::min(c, n_q - i0);
         qb.compute(q.middleRows(i0, rows), w, Shift::own, epsilon_);
         auto o = out.middleRows(i0, rows);
-        mul.assign(o, qb.phi(), state);
+        mul.assign(o, qb.phi(), state_packed);
         auto dl = den.topRows(rows);
         dl.noalias() = qb.phi() * z.transpose();
         normalise(o, dl);
@@ -194,7 +199,6 @@ class Favor {
                 const HeadContext& ctx, Workspace& ws) const {
     const detail::EigenSingleThreadScope serial_products;
     Workspace::Frame frame(ws);
-    const Matrix<S>& w = projection(ctx.head);
     const Index n_q = q.rows(), dv = v.cols(), f = feature_width(), c = chunk(ctx.causal);
     const Index keys = ctx.key_length;
     d_q.setZero();
@@ -202,6 +206,7 @@ class Favor {
     d_v.setZero();
     if (keys == 0) return;
     const Products mul = products(ws, n_q, k.rows(), dv);
+    const Directions w(mul, ws, projection(ctx.head));
     Block qb = block(ws, mul, std::min(c, n_q)), kb = block(ws, mul, std::min(c, k.rows()));
     auto state = ws.matrix<S>(f, dv);
     auto z = ws.matrix<S>(1, f);
@@ -226,6 +231,7 @@ class Favor {
 
     if (!ctx.causal) {
       const S shift = summarise_keys(k.topRows(keys), v.topRows(keys), w, kb, state, z, mul, ws);
+      const auto state_t = mul.keep(ws, state.transpose());  // fixed from here on
       for (Index i0 = 0; i0 < n_q; i0 += c) {
         const Index rows = std::min(c, n_q - i0);
         qb.compute(q.middleRows(i0, rows), w, Shift::own, epsilon_);
@@ -233,19 +239,22 @@ class Favor {
         dl.noalias() = qb.phi() * z.transpose();
         output_grads(i0, rows, dl);
         auto dp = d_phi.topRows(rows);
-        mul.assign(dp, dnum.topRows(rows), state.transpose());
+        mul.assign(dp, dnum.topRows(rows), state_t);
         dp.noalias() += dden.topRows(rows) * z;
         qb.backward(dp, w, d_q.middleRows(i0, rows));
         mul.add(r_state, qb.phi().transpose(), dnum.topRows(rows));
         r_z.noalias() += dden.topRows(rows).transpose() * qb.phi();
       }
+      // r_state is complete: packed once for both of its products with every key chunk.
+      const auto r_state_t = mul.keep(ws, r_state.transpose());
+      const auto r_state_packed = mul.keep(ws, r_state);
       for (Index j0 = 0; j0 < keys; j0 += c) {
         const Index rows = std::min(c, keys - j0);
         kb.compute(k.middleRows(j0, rows), w, Shift::common, key_epsilon(false), -1, shift);
         auto dp = d_phi.topRows(rows);
-        mul.assign(dp, v.middleRows(j0, rows), r_state.transpose());
+        mul.assign(dp, v.middleRows(j0, rows), r_state_t);
         dp.rowwise() += r_z.row(0);
-        mul.assign(d_v.middleRows(j0, rows), kb.phi(), r_state);
+        mul.assign(d_v.middleRows(j0, rows), kb.phi(), r_state_packed);
         kb.backward(dp, w, d_k.middleRows(j0, rows));
       }
       return;
@@ -333,6 +342,7 @@ class Favor {
   using Prefix = detail::favor::CausalPrefix<S>;
   using Shift = detail::favor::Shift;
   using Products = detail::Products<S>;
+  using Directions = detail::favor::PackedDirections<S>;
 
   Index largest_chunk() const { return std::max(chunk(false), chunk(true)); }
 
@@ -368,7 +378,7 @@ class Favor {
   // raises it rescales what came before), so there is no separate pass over the keys.
   // ε is added at the end as if to every key feature. Returns the shift.
   template <class St, class Z>
-  S summarise_keys(ConstView<S> k, ConstView<S> v, const Matrix<S>& w, Block& kb, St& state, Z& z,
+  S summarise_keys(ConstView<S> k, ConstView<S> v, const Directions& w, Block& kb, St& state, Z& z,
                    const Products& mul, Workspace& ws) const {
     Workspace::Frame frame(ws);
     auto v_sum = ws.matrix<S>(1, v.cols());

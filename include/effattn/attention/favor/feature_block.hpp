@@ -2,6 +2,7 @@
 // FeatureBlock: FAVOR+ features of a block of query or key rows, stabilised, and their backward.
 
 #include <algorithm>
+#include <cstddef>
 #include <limits>
 
 #include "effattn/attention/feature_maps/feature_map.hpp"
@@ -10,6 +11,20 @@
 #include "effattn/core/workspace.hpp"
 
 namespace effattn::detail::favor {
+
+/// The random directions W [m × d] of a call, packed once for both their products:
+/// z = x·Wᵀ (features) and dx += dz·W (backward).
+template <class S>
+struct PackedDirections {
+  typename Products<S>::Kept transposed, plain;
+
+  /// Workspace the constructor takes.
+  static std::size_t bytes(Index m, Index d) {
+    return Products<S>::kept_bytes(d, m) + Products<S>::kept_bytes(m, d);
+  }
+  PackedDirections(const Products<S>& mul, Workspace& ws, const Matrix<S>& w)
+      : transposed(mul.keep(ws, w.transpose())), plain(mul.keep(ws, w)) {}
+};
 
 /// How a block of rows is stabilised: `own`, each row by its own largest log-feature (kept
 /// in shifts()); `common`, every row by one value at least as large as all of theirs.
@@ -38,7 +53,7 @@ class FeatureBlock {
   /// features. Shift::common subtracts max(floor, the valid rows' largest log-feature),
   /// which it returns (−∞ when no row is valid).
   template <class X>
-  S compute(const X& x, const Matrix<S>& w, Shift mode, S epsilon, Index valid = -1,
+  S compute(const X& x, const PackedDirections<S>& w, Shift mode, S epsilon, Index valid = -1,
             S floor = -std::numeric_limits<S>::infinity()) {
     rows_ = x.rows();
     eigen_assert(rows_ <= capacity_);
@@ -46,7 +61,7 @@ class FeatureBlock {
     valid_ = valid < 0 ? rows_ : valid;
     const Index m = features_;
     xs().noalias() = input_scale_ * x;
-    products_->assign(z(), xs(), w.transpose());
+    products_->assign(z(), xs(), w.transposed);
     S common = floor;
     for (Index r = 0; r < valid_; ++r) {
       shifts_[r] = Map::log_max(&z_(r, 0), m, half_norm(r));
@@ -65,7 +80,7 @@ class FeatureBlock {
 
   /// dx (written) from d_phi for the rows of the last compute.
   template <class DP, class DX>
-  void backward(DP& d_phi, const Matrix<S>& w, DX&& dx) {
+  void backward(DP& d_phi, const PackedDirections<S>& w, DX&& dx) {
     const Index m = features_;
     auto dz = z_.topRows(rows_);  // reused for dL/dz once the features are known
     for (Index r = 0; r < rows_; ++r) {
@@ -79,7 +94,7 @@ class FeatureBlock {
       phi().row(r).array() += epsilon_;
       dx.row(r) = dh * xs().row(r);  // ∂h/∂x' = x'
     }
-    products_->add(dx, dz, w);
+    products_->add(dx, dz, w.plain);
     dx *= input_scale_;
   }
 
