@@ -209,7 +209,8 @@ class LSHAttention {
         detail::lsh::hashing_bytes<S>(n, d_k, r, bp) + W::bytes_for<Index>(bp.buckets + 2);
     // Forward: order, buckets and log-sum-exp (when not saved), then hashing or the chunks.
     const std::size_t fwd =
-        2 * ints + 2 * scalars + std::max(hashing, common + W::bytes_for<S>(c * d_v));
+        2 * ints + 2 * scalars +
+        std::max(hashing, common + W::bytes_for<S>(c * d_v) + W::bytes_for<S>(c));
     // Backward: D, and the chunk's gradients.
     const std::size_t bwd = common + scalars + W::bytes_for<S>(c * d_v) + W::bytes_for<S>(c * w) +
                             W::bytes_for<S>(w * d_v) + W::bytes_for<S>(c * d_k) +
@@ -232,6 +233,7 @@ class LSHAttention {
     Rounds rounds = chunking(order, bucket, n, length, ctx.causal, ws);
     Chunk chunk(config_, scale(q.cols()), q, k, v, detail::lsh::inverse_norms(k, length, ws), ws);
     auto o = ws.matrix<S>(std::min(config_.chunk, n), v.cols());
+    S* rescale = ws.take<S>(std::min(config_.chunk, n));  // each chunk row's factor for out
 
     constexpr S neg_inf = -std::numeric_limits<S>::infinity();
     std::fill(m, m + n, neg_inf);
@@ -242,17 +244,22 @@ class LSHAttention {
       rounds.select(round);
       for (Index ci = 0; ci < rounds.chunks(); ++ci) {
         const Index rows = chunk.logits(rounds, ci), q0 = rounds.first(ci);
+        detail::lsh::prefetch_rows(out, rounds.order, q0, q0 + rows, true);
         pairs += double(rows * chunk.keys);
         auto p = chunk.p.topLeftCorner(rows, chunk.keys);
         auto o_c = o.topRows(rows);
         for (Index a = 0; a < rows; ++a) {  // every row has its own key: max ≥ −1e5
           const Index t = rounds.order[q0 + a];
-          const S rescale = detail::online_softmax_row(&p(a, 0), p.cols(), m[t], z[t]);
-          if (rescale != S(1)) out.row(t) *= rescale;
+          rescale[a] = detail::online_softmax_row(&p(a, 0), p.cols(), m[t], z[t]);
         }
         chunk.mul.assign(o_c, p, chunk.vs.topRows(chunk.keys));
-        for (Index a = 0; a < rows; ++a)
-          out.row(rounds.order[q0 + a]) += o_c.row(a);
+        for (Index a = 0; a < rows; ++a) {
+          auto row = out.row(rounds.order[q0 + a]);
+          if (rescale[a] == S(1))
+            row += o_c.row(a);
+          else
+            row = rescale[a] * row + o_c.row(a);
+        }
       }
     }
     for (Index t = 0; t < n; ++t) {
@@ -291,6 +298,13 @@ class LSHAttention {
       rounds.select(round);
       for (Index ci = 0; ci < rounds.chunks(); ++ci) {
         const Index m = chunk.logits(rounds, ci), q0 = rounds.first(ci), keys = chunk.keys;
+        // The rows this chunk's gradients are added to (its own tokens are new in the
+        // window), and the next chunk's output gradients.
+        for (const auto* grad : {&d_q, &d_k, &d_v})
+          detail::lsh::prefetch_rows(*grad, rounds.order, q0, q0 + m, true);
+        if (ci + 1 < rounds.chunks())
+          detail::lsh::prefetch_rows(d_out, rounds.order, rounds.first(ci + 1),
+                                     rounds.stop(ci + 1));
         auto p = chunk.p.topLeftCorner(m, keys);
         for (Index a = 0; a < m; ++a) {
           const Index t = rounds.order[q0 + a];

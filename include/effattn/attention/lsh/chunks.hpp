@@ -37,6 +37,27 @@ S* inverse_norms(ConstView<S> k, Index length, Workspace& ws) {
   return inv;
 }
 
+/// Asks the cache for rows order[first … stop) of m: a chunk's rows are scattered over the
+/// sequence, so their loads are requested one chunk ahead, while the current chunk computes.
+template <class M>
+void prefetch_rows(const M& m, const std::int32_t* order, Index first, Index stop,
+                   bool for_write = false) {
+#if defined(__GNUC__)
+  constexpr Index line = 64;
+  const Index bytes = m.cols() * Index(sizeof(typename M::Scalar));
+  for (Index j = first; j < stop; ++j) {
+    const char* row = reinterpret_cast<const char*>(m.data() + order[j] * m.outerStride());
+    for (Index b = 0; b < bytes; b += line)
+      if (for_write)
+        __builtin_prefetch(row + b, 1, 2);
+      else
+        __builtin_prefetch(row + b, 0, 2);
+  }
+#else
+  (void)m, (void)order, (void)first, (void)stop, (void)for_write;
+#endif
+}
+
 class Chunking {
  public:
   /// Rounds of `order` and `bucket` (rounds × n each) with `max_chunks` bounding the chunks
@@ -201,6 +222,12 @@ struct GatheredChunk {
         ++keys;
       }
     });
+    if (ci + 1 < rounds.chunks()) {  // the next chunk's own rows: its queries and new keys
+      const Index next = rounds.first(ci + 1), end = rounds.stop(ci + 1);
+      prefetch_rows(q_, rounds.order, next, end);
+      prefetch_rows(k_, rounds.order, next, end);
+      prefetch_rows(v_, rounds.order, next, end);
+    }
     auto pm = p.topLeftCorner(m, keys);
     mul.assign(pm, qs.topRows(m), ks.topRows(keys).transpose());
     constexpr S neg_inf = -std::numeric_limits<S>::infinity();
