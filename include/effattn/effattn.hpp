@@ -53,3 +53,9 @@
 #include "effattn/layers/residual.hpp"
 #include "effattn/layers/reversible.hpp"
 #include "effattn/layers/sequential.hpp"
+
+#include "effattn/training/adam.hpp"
+#include "effattn/training/adamw.hpp"
+#include "effattn/training/clip_grad_norm.hpp"
+#include "effattn/training/schedules.hpp"
+#include "effattn/training/sgd.hpp"
