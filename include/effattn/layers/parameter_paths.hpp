@@ -34,8 +34,12 @@
 
 namespace effattn {
 
-/// Every parameter path of `layer`, in visiting order.
-template <Layer L>
+/// Every parameter path of `layer` (any Layer, or anything else with visit_parameters, e.g.
+/// an Embedding), in visiting order.
+template <class L>
+requires Layer<L> || requires(L& l) {
+  l.visit_parameters(detail::ParameterSink<typename L::Scalar>{});
+}
 std::vector<std::string> parameter_paths(L& layer) {
   std::vector<std::string> paths;
   layer.visit_parameters([&](std::string_view path, auto&, auto&) { paths.emplace_back(path); });

@@ -1,0 +1,85 @@
+#pragma once
+// Linear: y = x·W + b, the output head of a language model (and any learned affine map).
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+#include "effattn/core/counter_rng.hpp"
+#include "effattn/core/error.hpp"
+#include "effattn/core/sequence_shape.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/layers/detail/checks.hpp"
+#include "effattn/layers/layer.hpp"
+
+namespace effattn {
+
+/// y = x·W + b per token, W ∈ ℝ^{d_in × d_out} drawn from N(0, 1/d_in), b = 0 (parameters
+/// `w`, `b`). Position-wise and stateless between calls: backward needs only x, so a
+/// training forward keeps nothing.
+template <class S = float>
+class Linear {
+ public:
+  using Scalar = S;
+  static constexpr bool position_wise = true;
+  static constexpr std::string_view parameter_group = "linear";
+
+  struct Config {
+    Index d_in = 512;
+    Index d_out = 512;
+    bool bias = true;
+    std::uint64_t seed = 0;
+  };
+
+  explicit Linear(Config config) : config_(config) {
+    detail::require(config.d_in > 0, "Linear", "d_in", config.d_in, "at least 1");
+    detail::require(config.d_out > 0, "Linear", "d_out", config.d_out, "at least 1");
+    w_.resize(config.d_in, config.d_out);
+    CounterRng(config.seed, 1).fill_normal(w_, 1.0 / std::sqrt(double(config.d_in)));
+    if (config.bias) b_.setZero(1, config.d_out);
+    zero_grad();
+  }
+
+  Index d_in() const { return config_.d_in; }
+  Index d_out() const { return config_.d_out; }
+  const Config& config() const { return config_; }
+  const Matrix<S>& weight() const { return w_; }
+
+  void set_training(bool) {}
+  void release_activations() {}
+  std::size_t activation_bytes() const { return 0; }
+
+  void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
+    detail::require_call("Linear", x, d_in(), "y", y, d_out(), shape);
+    y.noalias() = x * w_;
+    if (config_.bias) y.rowwise() += b_.row(0);
+  }
+
+  /// dx = dy·Wᵀ; adds xᵀ·dy to W's gradient and the column sums of dy to b's.
+  void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
+    detail::require_backward_call("Linear", x, d_in(), dy, d_out(), dx, shape);
+    g_w_.noalias() += x.transpose() * dy;
+    if (config_.bias) g_b_.row(0) += dy.colwise().sum();
+    dx.noalias() = dy * w_.transpose();
+  }
+
+  template <class F>
+  void visit_parameters(F&& f) {
+    f(std::string_view("w"), w_, g_w_);
+    if (config_.bias) f(std::string_view("b"), b_, g_b_);
+  }
+  void zero_grad() {
+    g_w_.setZero(w_.rows(), w_.cols());
+    g_b_.setZero(b_.rows(), b_.cols());
+  }
+
+ private:
+  Config config_;
+  Matrix<S> w_, b_, g_w_, g_b_;
+};
+
+static_assert(Layer<Linear<float>>);
+static_assert(Layer<Linear<double>>);
+
+}  // namespace effattn
