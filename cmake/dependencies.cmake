@@ -1,4 +1,4 @@
-# Resolves effattn's dependencies. Eigen is required; OpenMP is optional.
+# Resolves effattn's dependencies. Eigen is required; OpenMP and nlohmann_json are optional.
 find_package(Eigen3 3.4 REQUIRED NO_MODULE)
 
 set(EFFATTN_WITH_OPENMP OFF)
@@ -9,4 +9,14 @@ if(EFFATTN_USE_OPENMP)
   else()
     message(STATUS "effattn: OpenMP not found; everything runs on one thread")
   endif()
+endif()
+
+# nlohmann_json (Debian: nlohmann-json3-dev) parses the header of safetensors checkpoints; only
+# effattn/training/safetensors.hpp needs it.
+set(EFFATTN_WITH_JSON OFF)
+find_package(nlohmann_json 3.10 QUIET)
+if(nlohmann_json_FOUND)
+  set(EFFATTN_WITH_JSON ON)
+else()
+  message(STATUS "effattn: nlohmann_json not found; effattn/training/safetensors.hpp unavailable")
 endif()

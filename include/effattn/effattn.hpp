@@ -39,6 +39,7 @@
 
 #include "effattn/layers/activation.hpp"
 #include "effattn/layers/activation_meter.hpp"
+#include "effattn/layers/axial_positions.hpp"
 #include "effattn/layers/chunked.hpp"
 #include "effattn/layers/duplicate.hpp"
 #include "effattn/layers/embedding.hpp"
@@ -46,6 +47,7 @@
 #include "effattn/layers/layer.hpp"
 #include "effattn/layers/layer_norm.hpp"
 #include "effattn/layers/layer_workspace.hpp"
+#include "effattn/layers/learned_positions.hpp"
 #include "effattn/layers/linear.hpp"
 #include "effattn/layers/merge_halves.hpp"
 #include "effattn/layers/multi_head_attention.hpp"
@@ -55,10 +57,14 @@
 #include "effattn/layers/residual.hpp"
 #include "effattn/layers/reversible.hpp"
 #include "effattn/layers/sequential.hpp"
+#include "effattn/layers/sinusoidal_positions.hpp"
 
 #include "effattn/training/adam.hpp"
 #include "effattn/training/adamw.hpp"
 #include "effattn/training/clip_grad_norm.hpp"
 #include "effattn/training/cross_entropy.hpp"
 #include "effattn/training/schedules.hpp"
+#if __has_include(<nlohmann/json.hpp>)
+#include "effattn/training/safetensors.hpp"
+#endif
 #include "effattn/training/sgd.hpp"

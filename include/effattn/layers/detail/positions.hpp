@@ -1,0 +1,54 @@
+#pragma once
+// What the positional encodings share: adding a per-position row to every token, checks.
+
+#include <cstddef>
+#include <string_view>
+
+#include "effattn/core/error.hpp"
+#include "effattn/core/sequence_shape.hpp"
+#include "effattn/core/types.hpp"
+#include "effattn/layers/detail/checks.hpp"
+
+namespace effattn::detail {
+
+/// What every positional encoding is: a Layer that is not position-wise (row t's output
+/// depends on t), keeps nothing for backward, files its parameters under "positions", and
+/// numbers positions from `offset`.
+template <class S>
+struct PositionalEncoding {
+  using Scalar = S;
+  static constexpr bool position_wise = false;
+  static constexpr std::string_view parameter_group = "positions";
+  /// The position of each sequence's first token (0 unless decoding a continuation).
+  Index offset = 0;
+  void set_training(bool) {}
+  void release_activations() {}
+  std::size_t activation_bytes() const { return 0; }
+};
+
+/// The checks of a positional encoding's forward: x and y [tokens × d], positions
+/// offset … offset + seq − 1 all below `max_positions` (0: no bound).
+template <class X, class Y>
+void require_positions(const char* who, const X& x, const Y& y, Index d, const SequenceShape& shape,
+                       Index offset, Index max_positions) {
+  require_call(who, x, d, "y", y, d, shape);
+  require(offset >= 0, who, "offset", offset, "a position ≥ 0");
+  require(max_positions == 0 || offset + shape.seq <= max_positions, who, "shape.seq",
+          concat(shape.seq, " tokens from position ", offset),
+          concat("positions below ", max_positions, ", the encoding's max_positions"));
+}
+
+/// y = x + row(p) for each token, p = offset + its position in its sequence; `row(p, out)`
+/// writes position p's encoding into out.
+template <class S, class Row>
+void add_positions(ConstView<S> x, View<S> y, const SequenceShape& shape, Index offset, Row&& row) {
+  for (Index b = 0; b < shape.batch; ++b)
+    for (Index t = 0; t < shape.seq; ++t) {
+      const Index r = b * shape.seq + t;
+      auto out = y.row(r);
+      row(offset + t, out);
+      out += x.row(r);
+    }
+}
+
+}  // namespace effattn::detail

@@ -1,0 +1,181 @@
+// Checkpoints in the safetensors format: round trips, the bytes on disk, a file written by an
+// independent writer, and failed loads that leave the model as it was.
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "effattn/effattn.hpp"
+#include "effattn/training/safetensors.hpp"
+#include "layer_testing.hpp"
+
+using namespace effattn;
+using namespace layer_testing;
+namespace fs = std::filesystem;
+
+namespace {
+using Block = Residual<PreNorm<MultiHeadAttention<FullAttention<float>>>>;
+using Model = Repeat<Block>;
+
+Model::Config model_config(std::uint64_t seed) {
+  Model::Config c;
+  c.depth = 2;
+  c.block.layer.layer.d_model = 8;
+  c.block.layer.layer.heads = 2;
+  c.block.layer.layer.seed = seed;
+  return c;
+}
+
+fs::path temp_file(const std::string& name) {
+  return fs::temp_directory_path() / ("effattn_test_" + name + ".safetensors");
+}
+
+std::string bytes_of(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+template <class... Ms>
+std::vector<MatD> all_parameters(Ms&... ms) {
+  std::vector<MatD> out;
+  auto add = [&](std::string_view, auto& w, auto&) { out.push_back(w.template cast<double>()); };
+  (ms.visit_parameters(add), ...);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("safetensors: a model saved and loaded has the same parameters and outputs",
+          "[training]") {
+  Model a(model_config(1));
+  Embedding<float> emb_a({.vocab = 11, .d_model = 8, .seed = 2});
+  randomise(a, 3);
+  const fs::path file = temp_file("round_trip");
+  safetensors::save(file, a, emb_a);
+
+  Model b(model_config(9));
+  Embedding<float> emb_b({.vocab = 11, .d_model = 8, .seed = 10});
+  CHECK(all_parameters(a, emb_a) != all_parameters(b, emb_b));
+  safetensors::load(file, b, emb_b);
+  CHECK(all_parameters(a, emb_a) == all_parameters(b, emb_b));
+
+  const SequenceShape shape{1, 5, {}};
+  const Matrix<float> x = random<float>(5, 8, 4);
+  Matrix<float> ya(5, 8), yb(5, 8);
+  a.forward(x, ya, shape);
+  b.forward(x, yb, shape);
+  CHECK(ya == yb);
+  fs::remove(file);
+}
+
+TEST_CASE("safetensors: the file holds a length, a JSON header and the raw tensors", "[training]") {
+  Linear<double> head({.d_in = 3, .d_out = 5, .seed = 1});
+  randomise(head, 2);
+  const fs::path file = temp_file("layout");
+  safetensors::save(file, head);
+  const std::string bytes = bytes_of(file);
+  std::uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  REQUIRE(8 + n <= bytes.size());
+  CHECK((8 + n) % 8 == 0);  // data 8-byte aligned
+  const auto header = nlohmann::json::parse(bytes.substr(8, n));
+  CHECK(header["__metadata__"]["format"] == "effattn");
+  const auto params = parameters(head);
+  std::uint64_t data_bytes = 0;
+  for (const auto& [name, value] : params) {
+    CAPTURE(name);
+    const auto& entry = header.at(name);
+    CHECK(entry["dtype"] == "F64");
+    CHECK(entry["shape"] == nlohmann::json({value.rows(), value.cols()}));
+    const std::uint64_t begin = entry["data_offsets"][0], end = entry["data_offsets"][1];
+    REQUIRE(end - begin == sizeof(double) * std::uint64_t(value.size()));
+    Matrix<double> stored(value.rows(), value.cols());  // row-major, as written
+    std::memcpy(stored.data(), bytes.data() + 8 + n + begin, end - begin);
+    CHECK(stored == value);  // little-endian, rows one after another
+    data_bytes += end - begin;
+  }
+  CHECK(bytes.size() == 8 + n + data_bytes);  // nothing else in the file
+  fs::remove(file);
+}
+
+TEST_CASE("safetensors: a failed load is an Error naming the tensor and changes nothing",
+          "[training]") {
+  Linear<float> saved({.d_in = 3, .d_out = 4, .seed = 1});
+  const fs::path file = temp_file("errors");
+  safetensors::save(file, saved);
+  Linear<float> model({.d_in = 3, .d_out = 4, .seed = 5});
+  const auto before = all_parameters(model);
+  auto argument_of_load = [&](auto& m, const fs::path& f) {
+    try {
+      safetensors::load(f, m);
+    } catch (const Error& e) {
+      CHECK(e.component() == "safetensors::load");
+      return e.argument();
+    }
+    return std::string("none");
+  };
+
+  SECTION("a missing tensor") {
+    Linear<float> no_bias({.d_in = 3, .d_out = 4, .bias = false});
+    safetensors::save(file, no_bias);
+    CHECK(argument_of_load(model, file) == "tensor 'b'");
+  }
+  SECTION("a tensor the model does not have") {
+    Linear<float> no_bias({.d_in = 3, .d_out = 4, .bias = false});
+    const auto no_bias_before = all_parameters(no_bias);
+    CHECK(argument_of_load(no_bias, file) == "tensor 'b'");
+    CHECK(all_parameters(no_bias) == no_bias_before);
+  }
+  SECTION("a wrong shape") {
+    Linear<float> wider({.d_in = 3, .d_out = 6});
+    const auto wider_before = all_parameters(wider);
+    CHECK(argument_of_load(wider, file) == "tensor 'w'");
+    CHECK(all_parameters(wider) == wider_before);
+  }
+  SECTION("a wrong dtype") {
+    Linear<double> twin({.d_in = 3, .d_out = 4});
+    CHECK(argument_of_load(twin, file) == "tensor 'w'");
+  }
+  SECTION("a truncated body") {
+    const std::string bytes = bytes_of(file);
+    std::ofstream(file, std::ios::binary | std::ios::trunc)
+        .write(bytes.data(), std::streamsize(bytes.size() - 4));
+    CHECK(argument_of_load(model, file).starts_with("tensor '"));
+  }
+  SECTION("not a safetensors file") {
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << "hello";
+    CHECK(argument_of_load(model, file) == "path");
+    std::ofstream(file, std::ios::binary | std::ios::trunc)
+        << std::string("\x05\0\0\0\0\0\0\0{oops", 13);
+    CHECK(argument_of_load(model, file) == "header");
+  }
+  SECTION("no file") {
+    CHECK(argument_of_load(model, temp_file("does_not_exist")) == "path");
+  }
+  CHECK(all_parameters(model) == before);
+
+  // A save that cannot be written leaves nothing behind and is an Error.
+  CHECK_THROWS_AS(safetensors::save(fs::path("/nonexistent-dir/x.safetensors"), saved), Error);
+  fs::remove(file);
+}
+
+// Run by CTest after tests/training/write_safetensors.py has written the file named by
+// EFFATTN_PYTHON_SAFETENSORS (registered only when python3 with NumPy is present).
+TEST_CASE("safetensors: a file written by hand with NumPy loads into a Linear", "[.python]") {
+  const char* file = std::getenv("EFFATTN_PYTHON_SAFETENSORS");
+  REQUIRE(file != nullptr);
+  Linear<float> linear({.d_in = 3, .d_out = 4});
+  safetensors::load(file, linear);
+  const auto p = parameters(linear);
+  for (Index i = 0; i < 3; ++i)
+    for (Index j = 0; j < 4; ++j)
+      CHECK(p.at("w")(i, j) == 0.5 * double(4 * i + j) - 1);
+  for (Index j = 0; j < 4; ++j)
+    CHECK(p.at("b")(0, j) == 0.25 * double(j) + 2);
+}
