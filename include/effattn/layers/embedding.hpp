@@ -70,6 +70,13 @@ class Embedding {
   void visit_parameters(F&& f) {
     f(std::string_view("table"), table_, grad_);
   }
+  /// The table's gradient for a writer that may touch any row (a tied output head,
+  /// layers/linear.hpp): the next zero_grad clears every row.
+  Matrix<S>& dense_gradient() {
+    touched_all_ = true;
+    touched_.clear();
+    return grad_;
+  }
   /// Clears the gradient rows backward has added to since the last zero_grad (all rows once
   /// it has seen more tokens than the vocabulary holds). Other rows stay zero unless
   /// something writes them through visit_parameters (scaling, as clip_grad_norm does, keeps

@@ -11,6 +11,7 @@
 #include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/layers/detail/checks.hpp"
+#include "effattn/layers/embedding.hpp"
 #include "effattn/layers/layer.hpp"
 
 namespace effattn {
@@ -18,6 +19,11 @@ namespace effattn {
 /// y = x·W + b per token, W ∈ ℝ^{d_in × d_out} drawn from N(0, 1/d_in), b = 0 (parameters
 /// `w`, `b`). Position-wise and stateless between calls: backward needs only x, so a
 /// training forward keeps nothing.
+///
+/// Weight tying (Press & Wolf 2017): after tie(embedding), W is the embedding's table
+/// transposed (d_in = its d_model, d_out = its vocab), the head's own `w` is dropped from
+/// visit_parameters, and backward adds W's gradient to the embedding's table gradient. The
+/// head then refers to the embedding, which must outlive it (and not move).
 template <class S = float>
 class Linear {
  public:
@@ -44,7 +50,22 @@ class Linear {
   Index d_in() const { return config_.d_in; }
   Index d_out() const { return config_.d_out; }
   const Config& config() const { return config_; }
-  const Matrix<S>& weight() const { return w_; }
+  /// W (d_in × d_out); for a tied head, a copy of the embedding's table transposed.
+  Matrix<S> weight() const { return tied_ ? Matrix<S>(tied_->table().transpose()) : w_; }
+
+  /// Uses `embedding`'s table as W from now on (see above). Its d_model and vocab must be
+  /// this head's d_in and d_out.
+  void tie(Embedding<S>& embedding) {
+    detail::require(
+        embedding.d_model() == config_.d_in && embedding.vocab() == config_.d_out, "Linear",
+        "embedding", detail::concat("a ", embedding.vocab(), " × ", embedding.d_model(), " table"),
+        detail::concat("vocab = d_out = ", config_.d_out, " and d_model = d_in = ", config_.d_in,
+                       " to tie the head to it"));
+    tied_ = &embedding;
+    w_.resize(0, 0);
+    g_w_.resize(0, 0);
+  }
+  bool tied() const { return tied_ != nullptr; }
 
   void set_training(bool) {}
   void release_activations() {}
@@ -52,23 +73,32 @@ class Linear {
 
   void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
     detail::require_call("Linear", x, d_in(), "y", y, d_out(), shape);
-    y.noalias() = x * w_;
+    if (tied_)
+      y.noalias() = x * tied_->table().transpose();
+    else
+      y.noalias() = x * w_;
     if (config_.bias) y.rowwise() += b_.row(0);
   }
 
   /// dx = dy·Wᵀ; adds xᵀ·dy to W's gradient and the column sums of dy to b's.
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
     detail::require_backward_call("Linear", x, d_in(), dy, d_out(), dx, shape);
-    g_w_.noalias() += x.transpose() * dy;
     if (config_.bias) g_b_.row(0) += dy.colwise().sum();
-    dx.noalias() = dy * w_.transpose();
+    if (tied_) {
+      tied_->dense_gradient().noalias() += dy.transpose() * x;
+      dx.noalias() = dy * tied_->table();
+    } else {
+      g_w_.noalias() += x.transpose() * dy;
+      dx.noalias() = dy * w_.transpose();
+    }
   }
 
   template <class F>
   void visit_parameters(F&& f) {
-    f(std::string_view("w"), w_, g_w_);
+    if (!tied_) f(std::string_view("w"), w_, g_w_);
     if (config_.bias) f(std::string_view("b"), b_, g_b_);
   }
+  /// Clears the head's own gradients (a tied head's W is the embedding's: its zero_grad).
   void zero_grad() {
     g_w_.setZero(w_.rows(), w_.cols());
     g_b_.setZero(b_.rows(), b_.cols());
@@ -77,6 +107,7 @@ class Linear {
  private:
   Config config_;
   Matrix<S> w_, b_, g_w_, g_b_;
+  Embedding<S>* tied_ = nullptr;
 };
 
 static_assert(Layer<Linear<float>>);
