@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "effattn/effattn.hpp"
@@ -293,4 +294,35 @@ TEST_CASE("Optimiser settings out of range are errors naming the setting", "[tra
   CHECK(adam.lr() == 1e-3);
   adam.set_lr(0.5);
   CHECK(adam.lr() == 0.5);
+}
+
+TEST_CASE("An optimiser's state can be read and replaced, checked first", "[training]") {
+  auto t = tensors<double>(13);
+  Adam<double> adam({.lr = 0.1});
+  set_grads(t, 0);
+  adam.step(t);
+  CHECK(adam.slot_names() == std::vector<std::string_view>{"exp_avg", "exp_avg_sq"});
+  CHECK(Sgd<double>({.momentum = 0.5}).slot_names() == std::vector<std::string_view>{"momentum"});
+  CHECK(Sgd<double>({}).slot_names().empty());
+  auto state = adam.state();
+  REQUIRE(state.size() == 3);
+  CHECK(state.at("head").steps == 1);
+  CHECK(state.at("head").slots[0].isApprox(0.1 * t.grads[2], 1e-14));  // (1 − β1)·g
+
+  auto bad = state;
+  bad.at("head").slots.pop_back();
+  CHECK_THROWS_AS(adam.set_state(bad), Error);
+  bad = state;
+  bad.at("head").slots[1].resize(1, 1);
+  CHECK_THROWS_AS(adam.set_state(bad), Error);
+  bad = state;
+  bad.at("head").steps = -1;
+  CHECK_THROWS_AS(adam.set_state(bad), Error);
+  CHECK(adam.steps("head") == 1);
+
+  state.at("head").steps = 10;
+  adam.set_state(state);
+  CHECK(adam.steps("head") == 10);
+  adam.set_state({});
+  CHECK(adam.state_bytes() == 0);
 }

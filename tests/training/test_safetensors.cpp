@@ -165,6 +165,70 @@ TEST_CASE("safetensors: a failed load is an Error naming the tensor and changes 
   fs::remove(file);
 }
 
+TEST_CASE(
+    "safetensors: training resumed from a model and optimiser checkpoint continues "
+    "exactly",
+    "[training]") {
+  auto train = [](Model& model, auto& opt, int from, int to) {
+    const SequenceShape shape{1, 6, {}};
+    Matrix<float> y(6, 8), dx(6, 8);
+    model.set_training(true);
+    for (int step = from; step < to; ++step) {
+      const Matrix<float> x = random<float>(6, 8, 100 + std::uint64_t(step));
+      model.zero_grad();
+      model.forward(x, y, shape);
+      model.backward(x, y, dx, shape);  // loss = ½‖y‖²
+      opt.step(model);
+    }
+  };
+  const fs::path weights = temp_file("resume_weights"), state = temp_file("resume_state");
+  auto check_resume = [&](auto make_optimizer) {
+    Model a(model_config(1));
+    auto opt_a = make_optimizer();
+    train(a, opt_a, 0, 3);
+    safetensors::save(weights, a);
+    safetensors::save_optimizer(state, opt_a);
+    train(a, opt_a, 3, 5);
+
+    Model b(model_config(7));
+    auto opt_b = make_optimizer();
+    safetensors::load(weights, b);
+    safetensors::load_optimizer(state, opt_b);
+    CHECK(opt_b.steps("block.0.attention.w_q") == 3);
+    CHECK(opt_b.state_bytes() == opt_a.state_bytes());
+    train(b, opt_b, 3, 5);
+    CHECK(all_parameters(a) == all_parameters(b));
+  };
+  SECTION("AdamW") {
+    check_resume([] { return AdamW<float>({.lr = 1e-2}); });
+  }
+  SECTION("Sgd with momentum") {
+    check_resume([] { return Sgd<float>({.lr = 1e-2, .momentum = 0.9}); });
+  }
+  SECTION("a state file that does not fit is an Error and changes nothing") {
+    Model a(model_config(1));
+    Adam<float> adam({.lr = 1e-2});
+    train(a, adam, 0, 2);
+    safetensors::save_optimizer(state, adam);
+    Sgd<float> sgd({.lr = 1e-2, .momentum = 0.9});
+    train(a, sgd, 0, 1);
+    const auto bytes = sgd.state_bytes();
+    try {
+      safetensors::load_optimizer(state, sgd);  // Adam's moments, no momentum buffers
+      FAIL("no error");
+    } catch (const Error& e) {
+      CHECK(e.component() == "safetensors::load_optimizer");
+      CHECK(e.argument().find(".momentum'") != std::string::npos);
+    }
+    CHECK(sgd.state_bytes() == bytes);
+    CHECK(sgd.steps("block.0.attention.w_q") == 1);
+    CHECK_THROWS_AS(safetensors::load_optimizer(weights, adam), Error);  // not a state file
+    CHECK(adam.steps("block.0.attention.w_q") == 2);
+  }
+  fs::remove(weights);
+  fs::remove(state);
+}
+
 // Run by CTest after tests/training/write_safetensors.py has written the file named by
 // EFFATTN_PYTHON_SAFETENSORS (registered only when python3 with NumPy is present).
 TEST_CASE("safetensors: a file written by hand with NumPy loads into a Linear", "[.python]") {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "effattn/core/error.hpp"
 #include "effattn/core/types.hpp"
@@ -39,17 +40,19 @@ class Adam : public detail::OptimizerState<S> {
   explicit Adam(Config config) : Adam(config, "Adam") {}
 
   const Config& config() const { return config_; }
+  /// The state kept per parameter: the first and second moments, as PyTorch names them.
+  std::vector<std::string_view> slot_names() const { return {"exp_avg", "exp_avg_sq"}; }
   double lr() const { return config_.lr; }
   /// Sets the learning rate (for schedules, see training/schedules.hpp).
   void set_lr(double lr) {
-    detail::require_learning_rate(who_, lr);
+    detail::require_learning_rate(this->who_, lr);
     config_.lr = lr;
   }
 
   /// One update of every parameter of `models`.
   template <class... Models>
   void step(Models&... models) {
-    const auto params = detail::step_parameters<S>(who_, models...);
+    const auto params = detail::step_parameters<S>(this->who_, models...);
     const auto entries = this->states_.entries(params);
     const double b1 = config_.beta1, b2 = config_.beta2;
     const S lr = S(config_.lr), wd = S(config_.weight_decay), eps = S(config_.eps);
@@ -75,8 +78,7 @@ class Adam : public detail::OptimizerState<S> {
   }
 
  protected:
-  Adam(Config config, const char* who)
-      : detail::OptimizerState<S>(who, 2), config_(config), who_(who) {
+  Adam(Config config, const char* who) : detail::OptimizerState<S>(who, 2), config_(config) {
     detail::require_learning_rate(who, config.lr);
     detail::require(config.beta1 >= 0 && config.beta1 < 1, who, "beta1", config.beta1,
                     "a value in [0, 1)");
@@ -90,7 +92,6 @@ class Adam : public detail::OptimizerState<S> {
 
  private:
   Config config_;
-  const char* who_;
 };
 
 }  // namespace effattn

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstddef>
 #include <string_view>
+#include <vector>
 
 #include "effattn/core/error.hpp"
 #include "effattn/core/types.hpp"
@@ -49,6 +50,11 @@ class Sgd : public detail::OptimizerState<S> {
   }
 
   const Config& config() const { return config_; }
+  /// The state kept per parameter: the momentum buffer (none without momentum).
+  std::vector<std::string_view> slot_names() const {
+    return config_.momentum != 0 ? std::vector<std::string_view>{"momentum"}
+                                 : std::vector<std::string_view>{};
+  }
   double lr() const { return config_.lr; }
   /// Sets the learning rate (for schedules, see training/schedules.hpp).
   void set_lr(double lr) {

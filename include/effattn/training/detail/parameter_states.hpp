@@ -101,6 +101,10 @@ class ParameterStates {
   }
 
   void clear() { entries_.clear(); }
+  int slots() const { return slots_; }
+  const std::map<std::string, Entry, std::less<>>& all() const { return entries_; }
+  /// Replaces every entry (checked by the caller).
+  void replace(std::map<std::string, Entry, std::less<>> entries) { entries_ = std::move(entries); }
   std::size_t size() const { return entries_.size(); }
   const Entry* find(std::string_view path) const {
     const auto it = entries_.find(path);
@@ -120,10 +124,34 @@ class ParameterStates {
   std::map<std::string, Entry, std::less<>> entries_;
 };
 
-/// What every optimiser offers about its state: reset(), state_bytes(), steps(path).
+/// What every optimiser offers about its state: reset(), state_bytes(), steps(path), and
+/// reading and replacing all of it (checkpoints: training/safetensors.hpp).
 template <class S>
 class OptimizerState {
  public:
+  /// One parameter's state: its step count and one matrix per slot_names() entry.
+  using Entry = typename ParameterStates<S>::Entry;
+  using Entries = std::map<std::string, Entry, std::less<>>;
+
+  /// Every parameter's state, by path.
+  const Entries& state() const { return states_.all(); }
+  /// Replaces the whole state by `entries`: each must have one matrix per slot name, all of
+  /// one shape, and steps ≥ 0; otherwise an effattn::Error and nothing changes. Shapes are
+  /// checked against the parameters at the next step.
+  void set_state(Entries entries) {
+    for (const auto& [path, e] : entries) {
+      require(e.steps >= 0, who_, concat("state of '", path, "'"), concat(e.steps, " steps"),
+              "a step count ≥ 0");
+      require(Index(e.slots.size()) == states_.slots(), who_, concat("state of '", path, "'"),
+              concat(e.slots.size(), " tensors"), concat(states_.slots(), " (one per slot)"));
+      for (const auto& m : e.slots)
+        require(m.rows() == e.slots.front().rows() && m.cols() == e.slots.front().cols(), who_,
+                concat("state of '", path, "'"), "tensors of different shapes",
+                "one shape for all of a parameter's state");
+    }
+    states_.replace(std::move(entries));
+  }
+
   /// Forgets every parameter's state (the next step is every parameter's first).
   void reset() { states_.clear(); }
   /// Bytes of state held (Sgd: a momentum buffer per parameter when momentum > 0; Adam: two
@@ -136,8 +164,9 @@ class OptimizerState {
   }
 
  protected:
-  OptimizerState(std::string_view who, int slots) : states_(who, slots) {}
+  OptimizerState(std::string_view who, int slots) : states_(who, slots), who_(who) {}
   ParameterStates<S> states_;
+  std::string who_;
 };
 
 /// Checks a learning rate: finite and ≥ 0.
