@@ -21,6 +21,24 @@
 
 namespace effattn {
 
+namespace detail {
+/// A policy's DecodeState, or a placeholder for a policy that cannot decode (AttentionCore's
+/// start_decoding then says so).
+template <class Policy>
+struct DecodeStateOf {
+  struct type {
+    std::size_t bytes() const { return 0; }
+  };
+};
+template <class Policy>
+requires requires {
+  typename Policy::DecodeState;
+}
+struct DecodeStateOf<Policy> {
+  using type = typename Policy::DecodeState;
+};
+}  // namespace detail
+
 /// The attention between projections: for every sequence b and head h,
 ///   out[b, :, h] = Policy(q[b, :, h], k[b, :, h], v[b, :, h]),
 /// where q, k are [batch·n × heads·d_key], v and out [batch·n × heads·d_value] and a head
@@ -147,6 +165,69 @@ class AttentionCore {
     if constexpr (reduces) policy_.end_backward();
   }
 
+  /// Incremental causal decoding: every (sequence, head)'s decode state (FullAttention: its
+  /// keys and values so far; Favor: its recurrent state) and the tokens decoded per sequence.
+  struct Decoder {
+    std::vector<typename detail::DecodeStateOf<Policy>::type> states;  ///< batch × heads
+    Index batch = 0;
+    Index length = 0;  ///< tokens decoded per sequence so far
+    std::size_t bytes() const {
+      std::size_t b = 0;
+      for (const auto& s : states)
+        b += s.bytes();
+      return b;
+    }
+  };
+
+  /// A decoder for `batch` sequences, empty.
+  Decoder start_decoding(Index batch) const {
+    static_assert(can_decode,
+                  "effattn: this attention policy cannot decode incrementally. FullAttention "
+                  "(a key/value cache) and Favor (its recurrent state) can; LSHAttention cannot, "
+                  "since a prefix is hashed, sorted and chunked differently from the whole "
+                  "sequence; LowRank is never causal.");
+    static_assert(causal, "effattn: decoding continues a causal model: use Causal masking");
+    detail::require(batch > 0, "AttentionCore", "batch", batch, "at least 1 sequence");
+    Decoder d;
+    d.batch = batch;
+    for (Index b = 0; b < batch; ++b)
+      for (Index h = 0; h < layout_.heads; ++h)
+        d.states.push_back(policy_.decode_state(h, layout_.d_key, layout_.d_value));
+    return d;
+  }
+
+  /// The next m tokens of every sequence: q, k, v are [batch·m × heads·d] (sequence b at rows
+  /// b·m …), out gets their attention over all tokens decoded so far and themselves, as the
+  /// causal forward over the whole sequences would give them.
+  void decode(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Decoder& d) {
+    static_assert(can_decode && causal, "effattn: see start_decoding");
+    constexpr const char* who = "AttentionCore";
+    detail::require(d.batch > 0 && static_cast<Index>(d.states.size()) == d.batch * layout_.heads,
+                    who, "decoder", "not made by this block's start_decoding",
+                    "a decoder from start_decoding");
+    detail::require(q.rows() > 0 && q.rows() % d.batch == 0, who, "q",
+                    detail::concat("a matrix of ", q.rows(), " rows"),
+                    detail::concat("m ≥ 1 new tokens for each of the ", d.batch, " sequences"));
+    const Index m = q.rows() / d.batch, h = layout_.heads;
+    const Index dk = layout_.d_key, dv = layout_.d_value;
+    check_size(q, q.rows(), h * dk, "q");
+    check_size(k, q.rows(), h * dk, "k");
+    check_size(v, q.rows(), h * dv, "v");
+    check_size(out, q.rows(), h * dv, "out");
+    for (auto [name, mat] : {std::pair{"q", q}, {"k", k}, {"v", v}})
+      detail::require_disjoint(who, "out", out, name, mat);
+    const int threads = max_threads();
+    pool_.resize(threads);
+    pool_.reserve_each(policy_.decode_scratch_bytes(m, d.length, dk, dv));
+    parallel_for(d.batch * h, threads, [&](Index problem, int slot) {
+      const Index b = problem / h, head = problem % h;
+      policy_.decode(q.block(b * m, head * dk, m, dk), k.block(b * m, head * dk, m, dk),
+                     v.block(b * m, head * dv, m, dv), out.block(b * m, head * dv, m, dv), head,
+                     d.states[static_cast<std::size_t>(problem)], pool_[slot]);
+    });
+    d.length += m;
+  }
+
   /// Throws unless a backward with these shapes may run: a forward kept its state, on the
   /// same batch, lengths and padding (the saved state belongs to that masking). Changes nothing.
   void check_backward(const SequenceShape& q_shape, const SequenceShape& kv_shape) const {
@@ -178,6 +259,7 @@ class AttentionCore {
   void reset_peak() { pool_.reset_peak(); }
 
  private:
+  static constexpr bool can_decode = requires { typename Policy::DecodeState; };
   // A slice shorter than this costs more in scheduling than it gains in balance.
   static constexpr Index min_split_rows = 64;
 

@@ -171,27 +171,40 @@ class Favor {
         mul.assign(o, qb.phi(), state_packed);
         auto dl = den.topRows(rows);
         dl.noalias() = qb.phi() * z.transpose();
-        normalise(o, dl);
+        detail::favor::normalise(o, dl);
       }
       return;
     }
     Prefix run(ws, mul, std::min(c, n_q));
-    for (Index t0 = 0; t0 < n_q; t0 += c) {
-      const Index rows = std::min(c, n_q - t0);
-      const Index valid = std::clamp<Index>(keys - t0, 0, rows);  // padded keys are at the end
-      qb.compute(q.middleRows(t0, rows), w, Shift::own, epsilon_);
-      kb.compute(k.middleRows(t0, rows), w, Shift::own, key_epsilon(true), valid);
-      const auto al = run.enter(qb, kb);
-      auto o = out.middleRows(t0, rows);
-      auto dl = den.topRows(rows);
-      mul.assign(o, qb.phi(), state);
-      dl.noalias() = qb.phi() * z.transpose();
-      run.scale_by_alpha(o, dl);
-      mul.add(o, al, v.middleRows(t0, rows));
-      dl += al.rowwise().sum();
-      normalise(o, dl);
-      run.advance(kb, v.middleRows(t0, rows), state, z);
-    }
+    causal_chunks(q, k, v, out, keys, w, qb, kb, den, run, state, z, mul);
+  }
+
+  /// Incremental causal decoding in FAVOR+'s recurrent form: the state Σ φ(k)vᵀ and Σ φ(k)
+  /// of the tokens decoded so far (in the frame of their largest stabiliser shift), O(m·d_v)
+  /// per head whatever the prefix length. decode() runs the causal forward's chunk step on
+  /// the new tokens from that state, so it equals the causal forward over the whole sequence
+  /// up to rounding.
+  using DecodeState = detail::favor::RecurrentState<S>;
+  DecodeState decode_state(Index /*head*/, Index /*d_k*/, Index d_v) const {
+    return {Matrix<S>::Zero(feature_width(), d_v), Matrix<S>::Zero(1, feature_width())};
+  }
+  std::size_t decode_scratch_bytes(Index m, Index /*length*/, Index d_k, Index d_v) const {
+    return scratch_bytes(m, m, d_k, d_v);
+  }
+  void decode(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Index head,
+              DecodeState& st, Workspace& ws) const {
+    const detail::EigenSingleThreadScope serial_products;
+    Workspace::Frame frame(ws);
+    const Index n = q.rows(), d_v = v.cols(), c = chunk(true);
+    const Products mul = products(ws, n, n, d_v);
+    const Directions w(mul, ws, projection(head));
+    Block qb = block(ws, mul, std::min(c, n)), kb = block(ws, mul, std::min(c, n));
+    auto den = ws.matrix<S>(std::min(c, n), 1);
+    Prefix run(ws, mul, std::min(c, n));
+    run.restart(st.shift);
+    causal_chunks(q, k, v, out, n, w, qb, kb, den, run, st.state, st.z, mul);
+    st.shift = run.shift();
+    st.length += n;
   }
 
   void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
@@ -346,6 +359,32 @@ class Favor {
 
   Index largest_chunk() const { return std::max(chunk(false), chunk(true)); }
 
+  // Causal FAVOR+ over the rows of q from the running state (state, z) and run's shift: chunk
+  // by chunk, each query sees the state of the chunks before and its chunk's keys up to itself;
+  // keys at or beyond `keys` are padding.
+  template <class St, class Z, class Den>
+  void causal_chunks(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Index keys,
+                     const Directions& w, Block& qb, Block& kb, Den& den, Prefix& run, St& state,
+                     Z& z, const Products& mul) const {
+    const Index n_q = q.rows(), c = chunk(true);
+    for (Index t0 = 0; t0 < n_q; t0 += c) {
+      const Index rows = std::min(c, n_q - t0);
+      const Index valid = std::clamp<Index>(keys - t0, 0, rows);  // padded keys are at the end
+      qb.compute(q.middleRows(t0, rows), w, Shift::own, epsilon_);
+      kb.compute(k.middleRows(t0, rows), w, Shift::own, key_epsilon(true), valid);
+      const auto al = run.enter(qb, kb);
+      auto o = out.middleRows(t0, rows);
+      auto dl = den.topRows(rows);
+      mul.assign(o, qb.phi(), state);
+      dl.noalias() = qb.phi() * z.transpose();
+      run.scale_by_alpha(o, dl);
+      mul.add(o, al, v.middleRows(t0, rows));
+      dl += al.rowwise().sum();
+      detail::favor::normalise(o, dl);
+      run.advance(kb, v.middleRows(t0, rows), state, z);
+    }
+  }
+
   Block block(Workspace& ws, const Products& mul, Index capacity) const {
     return Block(ws, mul, capacity, layout_.d_key, config_.features, input_scale());
   }
@@ -406,16 +445,6 @@ class Favor {
       z.array() += eps * S(k.rows());
     }
     return shift;
-  }
-
-  template <class O, class D>
-  static void normalise(O& o, const D& den) {
-    for (Index r = 0; r < o.rows(); ++r) {
-      if (den(r) == S(0))
-        o.row(r).setZero();
-      else
-        o.row(r) /= den(r);
-    }
   }
 
   Config config_;

@@ -136,6 +136,40 @@ class FullAttention {
     return std::max(fwd, bwd);
   }
 
+  /// Incremental causal decoding: the keys and values of the tokens decoded so far (a KV
+  /// cache), grown by doubling. decode() appends the new tokens' keys and values and attends
+  /// their queries to every cached key up to their own position, exactly as the causal
+  /// forward over the whole sequence would (cost O(m·length·d) for m new tokens).
+  struct DecodeState {
+    Matrix<S> k, v;
+    Index length = 0;
+    std::size_t bytes() const { return sizeof(S) * std::size_t(k.size() + v.size()); }
+  };
+  DecodeState decode_state(Index /*head*/, Index d_k, Index d_v) const {
+    return {Matrix<S>(0, d_k), Matrix<S>(0, d_v), 0};
+  }
+  std::size_t decode_scratch_bytes(Index m, Index length, Index d_k, Index d_v) const {
+    return scratch_bytes(m, length + m, d_k, d_v);
+  }
+  void decode(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Index head,
+              DecodeState& st, Workspace& ws) const {
+    const Index m = q.rows(), n = st.length + m;
+    if (st.k.rows() < n) {
+      const Index rows = std::max<Index>({n, 2 * st.k.rows(), 16});
+      st.k.conservativeResize(rows, Eigen::NoChange);
+      st.v.conservativeResize(rows, Eigen::NoChange);
+    }
+    st.k.middleRows(st.length, m) = k;
+    st.v.middleRows(st.length, m) = v;
+    st.length = n;
+    HeadContext ctx;
+    ctx.head = head;
+    ctx.key_length = n;
+    ctx.causal_shift = n - m;
+    ctx.causal = true;
+    forward(q, st.k.topRows(n), st.v.topRows(n), out, nullptr, ctx, ws);
+  }
+
   S scale(Index d_k) const {
     return static_cast<S>(config_.scale ? *config_.scale : 1.0 / std::sqrt(double(d_k)));
   }

@@ -119,6 +119,34 @@ class MultiHeadAttention {
     run_forward(x, context, y, q_shape, kv_shape, false);
   }
 
+  /// Incremental decoding of a causal block (FullAttention: a key/value cache; Favor: its
+  /// recurrent state; other policies do not compile): start_decoding(batch), then decode(x, y,
+  /// decoder) with the next m tokens of each sequence, x [batch·m × d_model] (sequence b at
+  /// rows b·m …). y equals the rows of those tokens in a causal forward over the whole
+  /// sequences so far (up to rounding). Training state is untouched.
+  using Decoder = typename Core::Decoder;
+  Decoder start_decoding(Index batch) const { return core_.start_decoding(batch); }
+  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
+    constexpr const char* who = "MultiHeadAttention";
+    detail::require(x.cols() == d_model(), who, "x",
+                    detail::concat("a matrix of ", x.cols(), " columns"),
+                    detail::concat("d_model = ", d_model(), " columns"));
+    check_size(y, x.rows(), d_model(), "y");
+    detail::require_disjoint(who, "y", y, "x", x);
+    Workspace& ws = layer_workspace();
+    const Workspace::Frame frame(ws);
+    const Index dq = heads() * d_key(), dv = heads() * d_value();
+    auto q = ws.matrix<S>(x.rows(), dq), v = ws.matrix<S>(x.rows(), dv);
+    auto a = ws.matrix<S>(x.rows(), dv);
+    auto k = ws.matrix<S>(shared_qk ? 0 : x.rows(), dq);
+    project(x, wq_, bq_, q);
+    if (!shared_qk) project(x, wk_, bk_, k);
+    project(x, wv_, bv_, v);
+    core_.decode(q, shared_qk ? q : k, v, a, decoder);
+    y.noalias() = a * wo_;
+    if (config_.bias) y.rowwise() += bo_.row(0);
+  }
+
   /// Backward of the last (training) self-attention forward, given the same x: writes dx
   /// and adds to every parameter's gradient.
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {

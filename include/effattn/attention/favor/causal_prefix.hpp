@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <limits>
 
 #include "effattn/core/packed_product.hpp"
@@ -18,6 +19,16 @@ namespace effattn::detail::favor {
 /// feature underflow. The state (Σ K'ᵀV, Σ K') is kept in the frame of the largest shift
 /// so far and rescaled when it grows. All shifts cancel in num/den: gradients treat them
 /// as constants, which is exact because keys get no ε here.
+/// The state of causal FAVOR+ between calls (incremental decoding): Σ φ(k)vᵀ and Σ φ(k)
+/// (features × d_v, 1 × features) in the frame of `shift`, the largest key shift so far.
+template <class S>
+struct RecurrentState {
+  Matrix<S> state, z;
+  S shift = -std::numeric_limits<S>::infinity();
+  Index length = 0;  ///< tokens in the state
+  std::size_t bytes() const { return sizeof(S) * std::size_t(state.size() + z.size()); }
+};
+
 template <class S>
 class CausalPrefix {
  public:

@@ -118,4 +118,15 @@ class FeatureBlock {
   S epsilon_ = 0;
 };
 
+/// Divides each row of o by its normaliser; a row whose normaliser is 0 gives 0.
+template <class O, class D>
+void normalise(O& o, const D& den) {
+  for (Index r = 0; r < o.rows(); ++r) {
+    if (den(r) == typename O::Scalar(0))
+      o.row(r).setZero();
+    else
+      o.row(r) /= den(r);
+  }
+}
+
 }  // namespace effattn::detail::favor
