@@ -41,6 +41,7 @@
 #include "effattn/layers/activation_meter.hpp"
 #include "effattn/layers/axial_positions.hpp"
 #include "effattn/layers/chunked.hpp"
+#include "effattn/layers/dropout.hpp"
 #include "effattn/layers/duplicate.hpp"
 #include "effattn/layers/embedding.hpp"
 #include "effattn/layers/feed_forward.hpp"

@@ -57,6 +57,11 @@ class AxialPositions : public detail::PositionalEncoding<S> {
     });
   }
   /// dx = dy; each axis row gets the sum of dy's part over the tokens on it.
+  /// The next tokens of each sequence, at the positions after those decoded so far.
+  using typename detail::PositionalEncoding<S>::Decoder;
+  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
+    detail::decode_positions(*this, "AxialPositions", x, y, decoder);
+  }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
     detail::require_backward_call("AxialPositions", x, d_in(), dy, d_out(), dx, shape);
     detail::require_positions("AxialPositions", x, dx, d_in(), shape, offset, max_positions());

@@ -52,6 +52,7 @@ class Chunked : public detail::Wrapper<L> {
   Index chunk() const { return chunk_; }
 
   void set_training(bool on) { training_ = on; }
+  bool training() const { return training_; }
   void release_activations() { forwarded_rows_ = -1; }
   std::size_t activation_bytes() const { return 0; }
 

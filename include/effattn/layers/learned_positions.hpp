@@ -51,6 +51,11 @@ class LearnedPositions : public detail::PositionalEncoding<S> {
     detail::add_positions<S>(x, y, shape, offset, [&](Index p, auto& row) { row = table_.row(p); });
   }
   /// dx = dy; the table's rows get the sum of dy over the tokens at their position.
+  /// The next tokens of each sequence, at the positions after those decoded so far.
+  using typename detail::PositionalEncoding<S>::Decoder;
+  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
+    detail::decode_positions(*this, "LearnedPositions", x, y, decoder);
+  }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
     detail::require_backward_call("LearnedPositions", x, d_in(), dy, d_out(), dx, shape);
     detail::require_positions("LearnedPositions", x, dx, d_in(), shape, offset,

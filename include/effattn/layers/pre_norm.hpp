@@ -12,6 +12,7 @@
 #include "effattn/layers/activation_meter.hpp"
 #include "effattn/layers/detail/checks.hpp"
 #include "effattn/layers/detail/composition.hpp"
+#include "effattn/layers/detail/decoding.hpp"
 #include "effattn/layers/layer.hpp"
 #include "effattn/layers/layer_norm.hpp"
 #include "effattn/layers/layer_workspace.hpp"
@@ -78,6 +79,22 @@ class PreNorm : public detail::Wrapper<F> {
     fn_.forward(z, y, shape);
     held_.set(sizeof(S) * static_cast<std::size_t>(z_.size()));
   }
+  bool training() const { return training_; }
+
+  /// Incremental decoding: F's decode of LayerNorm(x). Not in training mode.
+  using Decoder = detail::DecoderOf<F>;
+  Decoder start_decoding(Index batch) const { return detail::start_decoding(fn_, batch); }
+  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
+    detail::require_not_training(*this, "PreNorm");
+    const SequenceShape shape{1, x.rows(), {}};
+    detail::require_call("PreNorm", x, d_in(), "y", y, d_out(), shape);
+    Workspace& ws = layer_workspace();
+    const Workspace::Frame frame(ws);
+    auto z = ws.matrix<S>(x.rows(), d_in());
+    norm_.forward(x, z, shape);
+    detail::decode(fn_, z, y, decoder);
+  }
+
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
     detail::require_backward_call("PreNorm", x, d_in(), dy, d_out(), dx, shape);
     check_call(shape, true);

@@ -3,10 +3,12 @@
 
 #include <cstdint>
 #include <deque>
+#include <vector>
 
 #include "effattn/core/error.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/layers/detail/composition.hpp"
+#include "effattn/layers/detail/decoding.hpp"
 #include "effattn/layers/detail/stack_ops.hpp"
 #include "effattn/layers/layer.hpp"
 
@@ -48,6 +50,17 @@ class Repeat : public detail::StackOps<Repeat<Block, Depth>, typename Block::Sca
   Index count() const { return static_cast<Index>(blocks_.size()); }
   Index depth() const { return count(); }
   Block& operator[](Index i) { return blocks_[static_cast<std::size_t>(i)]; }
+
+  /// Incremental decoding (causal models): one decoder per block; decode(x, y, decoder) runs
+  /// the next tokens through every block (StackOps::decode).
+  using Decoder = std::vector<detail::DecoderOf<Block>>;
+  Decoder start_decoding(Index batch) const {
+    Decoder d;
+    d.reserve(blocks_.size());
+    for (const Block& b : blocks_)
+      d.push_back(detail::start_decoding(b, batch));
+    return d;
+  }
   const Block& operator[](Index i) const { return blocks_[static_cast<std::size_t>(i)]; }
 
  private:
@@ -58,6 +71,12 @@ class Repeat : public detail::StackOps<Repeat<Block, Depth>, typename Block::Sca
   template <class F>
   void visit(Index i, F&& f) const {
     f(blocks_[static_cast<std::size_t>(i)]);
+  }
+  template <class F>
+  void visit_decoding(Index i, Decoder& d, F&& f) {
+    detail::require(d.size() == blocks_.size(), name, "decoder",
+                    "not made by this stack's start_decoding", "a decoder from start_decoding");
+    f(blocks_[static_cast<std::size_t>(i)], d[static_cast<std::size_t>(i)]);
   }
 
   std::deque<Block> blocks_;  // built in place: a block need not be movable

@@ -9,6 +9,7 @@
 #include "effattn/core/types.hpp"
 #include "effattn/layers/detail/checks.hpp"
 #include "effattn/layers/detail/composition.hpp"
+#include "effattn/layers/detail/decoding.hpp"
 #include "effattn/layers/layer.hpp"
 
 namespace effattn {
@@ -51,6 +52,15 @@ class Residual : public detail::Wrapper<F> {
     fn_.backward(x, dy, dx, shape);
     dx += dy;
   }
+  /// Incremental decoding: y = x + F's decode of x.
+  using Decoder = detail::DecoderOf<F>;
+  Decoder start_decoding(Index batch) const { return detail::start_decoding(fn_, batch); }
+  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
+    detail::require_call("Residual", x, d_in(), "y", y, d_out(), SequenceShape{1, x.rows(), {}});
+    detail::decode(fn_, x, y, decoder);
+    y += x;
+  }
+
   template <class V>
   void visit_parameters(V&& f) {
     fn_.visit_parameters(f);  // the residual adds none: its layer's names, unchanged

@@ -13,6 +13,7 @@
 #include "effattn/layers/activation_meter.hpp"
 #include "effattn/layers/detail/checks.hpp"
 #include "effattn/layers/detail/composition.hpp"
+#include "effattn/layers/detail/decoding.hpp"
 #include "effattn/layers/layer.hpp"
 #include "effattn/layers/layer_workspace.hpp"
 
@@ -75,9 +76,14 @@ class Reversible {
     held_.set(0);
   }
   std::size_t activation_bytes() const { return sizeof(S) * static_cast<std::size_t>(y_.size()); }
+  bool training() const { return training_; }
   void zero_grad() {
     f_.zero_grad();
     g_.zero_grad();
+  }
+  void set_dropout(bool on) {
+    detail::propagate_dropout(f_, on);
+    detail::propagate_dropout(g_, on);
   }
   /// F and G run forward in every call (backward recomputes them); backward through the
   /// Layer interface also needs the output of a training forward.
@@ -105,6 +111,25 @@ class Reversible {
       y_ = y;
       held_.set(activation_bytes());
     }
+  }
+
+  /// Incremental decoding: F's and G's decoders; decode(x, y, decoder) computes the forward's
+  /// y1 = x1 + F(x2), y2 = x2 + G(y1) on the next tokens. Not in training mode.
+  struct Decoder {
+    detail::DecoderOf<F> f;
+    detail::DecoderOf<G> g;
+  };
+  Decoder start_decoding(Index batch) const {
+    return {detail::start_decoding(f_, batch), detail::start_decoding(g_, batch)};
+  }
+  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
+    detail::require_not_training(*this, "Reversible");
+    check(x, "x", "y", y, SequenceShape{1, x.rows(), {}});
+    const Index d = half();
+    detail::decode(f_, x.rightCols(d), y.leftCols(d), decoder.f);
+    y.leftCols(d) += x.leftCols(d);
+    detail::decode(g_, y.leftCols(d), y.rightCols(d), decoder.g);
+    y.rightCols(d) += x.rightCols(d);
   }
 
   /// x = the input whose forward is y.

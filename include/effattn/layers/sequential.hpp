@@ -8,6 +8,7 @@
 
 #include "effattn/core/types.hpp"
 #include "effattn/layers/detail/composition.hpp"
+#include "effattn/layers/detail/decoding.hpp"
 #include "effattn/layers/detail/stack_ops.hpp"
 #include "effattn/layers/layer.hpp"
 
@@ -48,6 +49,14 @@ class Sequential
   explicit Sequential(typename Blocks::Config... configs) : Sequential(Config{{configs...}}) {}
 
   static constexpr Index count() { return sizeof...(Blocks); }
+
+  /// Incremental decoding (causal models): one decoder per block; decode(x, y, decoder) runs
+  /// the next tokens through every block (StackOps::decode).
+  using Decoder = std::tuple<detail::DecoderOf<Blocks>...>;
+  Decoder start_decoding(Index batch) const {
+    return std::apply(
+        [&](const auto&... b) { return Decoder{detail::start_decoding(b, batch)...}; }, blocks_);
+  }
   template <std::size_t I>
   auto& get() {
     return std::get<I>(blocks_);
@@ -68,6 +77,13 @@ class Sequential
   template <class F>
   void visit(Index i, F&& f) {
     visit_in(*this, i, f);
+  }
+  template <class F>
+  void visit_decoding(Index i, Decoder& d, F&& f) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      ((i == Index(I) ? (f(std::get<I>(blocks_), std::get<I>(d)), 0) : 0), ...);
+    }
+    (std::index_sequence_for<Blocks...>{});
   }
   template <class F>
   void visit(Index i, F&& f) const {

@@ -53,6 +53,11 @@ class SinusoidalPositions : public detail::PositionalEncoding<S> {
     detail::require_positions("SinusoidalPositions", x, y, d_in(), shape, offset, 0);
     detail::add_positions<S>(x, y, shape, offset, [&](Index p, auto& row) { encoding(p, row); });
   }
+  /// The next tokens of each sequence, at the positions after those decoded so far.
+  using typename detail::PositionalEncoding<S>::Decoder;
+  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
+    detail::decode_positions(*this, "SinusoidalPositions", x, y, decoder);
+  }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
     detail::require_backward_call("SinusoidalPositions", x, d_in(), dy, d_out(), dx, shape);
     dx = dy;

@@ -55,6 +55,13 @@ void visit_prefixed(L& layer, std::string_view prefix, F& f) {
   });
 }
 
+/// Turns dropout on or off in layer l and in every layer it holds: calls l.set_dropout(on)
+/// where l has one (Dropout, and every stack and wrapper, which pass it on).
+template <class L>
+void propagate_dropout(L& l, bool on) {
+  if constexpr (requires { l.set_dropout(on); }) l.set_dropout(on);
+}
+
 /// What a layer that wraps one sub-layer (its config field `layer`) forwards to it unchanged.
 template <class F>
 class Wrapper {
@@ -67,6 +74,7 @@ class Wrapper {
   void release_activations() { fn_.release_activations(); }
   std::size_t activation_bytes() const { return fn_.activation_bytes(); }
   void zero_grad() { fn_.zero_grad(); }
+  void set_dropout(bool on) { detail::propagate_dropout(fn_, on); }
   void check_call(const SequenceShape& shape, bool backward) const {
     detail::check_call(fn_, shape, backward);
   }

@@ -24,7 +24,42 @@ struct PositionalEncoding {
   void set_training(bool) {}
   void release_activations() {}
   std::size_t activation_bytes() const { return 0; }
+
+  /// Incremental decoding: the tokens decoded per sequence so far, so that the next ones get
+  /// positions offset + length, offset + length + 1, …
+  struct Decoder {
+    Index batch = 0;
+    Index length = 0;
+    std::size_t bytes() const { return 0; }
+  };
+  Decoder start_decoding(Index batch) const {
+    require(batch > 0, "start_decoding", "batch", batch, "at least 1 sequence");
+    return {batch, 0};
+  }
 };
+
+/// A positional encoding's decode: x holds the next m tokens of each of the decoder's
+/// sequences (sequence b at rows b·m …); their positions continue from the decoder's length.
+/// A rejected call changes neither the layer nor the decoder.
+template <class P, class S = typename P::Scalar>
+void decode_positions(P& layer, const char* who, ConstView<S> x, View<S> y,
+                      typename P::Decoder& decoder) {
+  require(decoder.batch > 0, who, "decoder", "not made by start_decoding",
+          "a decoder from start_decoding");
+  require(x.rows() > 0 && x.rows() % decoder.batch == 0, who, "x",
+          concat("a matrix of ", x.rows(), " rows"),
+          concat("m ≥ 1 new tokens for each of the ", decoder.batch, " sequences"));
+  const Index first = layer.offset;
+  layer.offset = first + decoder.length;
+  try {
+    layer.forward(x, y, SequenceShape{decoder.batch, x.rows() / decoder.batch, {}});
+  } catch (...) {
+    layer.offset = first;
+    throw;
+  }
+  layer.offset = first;
+  decoder.length += x.rows() / decoder.batch;
+}
 
 /// The checks of a positional encoding's forward: x and y [tokens × d], positions
 /// offset … offset + seq − 1 all below `max_positions` (0: no bound).

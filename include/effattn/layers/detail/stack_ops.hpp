@@ -13,6 +13,7 @@
 #include "effattn/layers/activation_meter.hpp"
 #include "effattn/layers/detail/checks.hpp"
 #include "effattn/layers/detail/composition.hpp"
+#include "effattn/layers/detail/decoding.hpp"
 #include "effattn/layers/layer_workspace.hpp"
 
 namespace effattn {
@@ -55,6 +56,9 @@ class StackOps {
   void zero_grad() {
     for_each([](auto& b) { b.zero_grad(); });
   }
+  void set_dropout(bool on) {
+    for_each([&](auto& b) { detail::propagate_dropout(b, on); });
+  }
   template <class F>
   void visit_parameters(F&& f) {
     for (Index i = 0; i < self().count(); ++i)
@@ -92,6 +96,23 @@ class StackOps {
     if (training_) {  // reversible: the output is all backward needs
       top_ = y;
       held_.set(kept_bytes());
+    }
+  }
+
+  /// Incremental decoding (Derived::start_decoding makes the decoder): the next m tokens of
+  /// every sequence, x [batch·m × d_in], through every block in turn. Not in training mode.
+  template <class Decoder>
+  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
+    require_not_training(self(), Derived::name);
+    require_call(Derived::name, x, d_in(), "y", y, d_out(), SequenceShape{1, x.rows(), {}});
+    Workspace& ws = layer_workspace();
+    const Workspace::Frame frame(ws);
+    auto a = ws.matrix<S>(x.rows(), widest()), b = ws.matrix<S>(x.rows(), widest());
+    for (Index i = 0; i < self().count(); ++i) {
+      ConstView<S> in = i == 0 ? x : ConstView<S>(((i % 2) ? a : b).leftCols(width_in(i)));
+      View<S> out = i + 1 == self().count() ? y : View<S>(((i % 2) ? b : a).leftCols(width_out(i)));
+      self().visit_decoding(i, decoder,
+                            [&](auto& blk, auto& dec) { detail::decode(blk, in, out, dec); });
     }
   }
 
