@@ -53,9 +53,7 @@ class AttentionCore {
   static_assert(detail::assert_attention_policy<Policy>());
   static constexpr bool known_masking =
       std::is_same_v<Masking, Bidirectional> || std::is_same_v<Masking, Causal>;
-  static_assert(known_masking,
-                "effattn: the masking argument must be effattn::Bidirectional or "
-                "effattn::Causal.");
+  static_assert(detail::assert_masking<Masking>());
   // sizeof instantiates the check, whose own static_assert gives the message.
   static_assert(
       sizeof(
@@ -316,3 +314,20 @@ class AttentionCore {
 };
 
 }  // namespace effattn
+
+namespace effattn::detail {
+/// The core a multi-head block runs a policy with: AttentionCore<Policy, Masking>, unless the
+/// policy brings its own (`template <class M> using core = …;`, as the sequence-parallel
+/// policies of effattn/mpi/ do), which must offer AttentionCore's interface.
+template <class Policy, class Masking>
+struct CoreOf {
+  using type = AttentionCore<Policy, Masking>;
+};
+template <class Policy, class Masking>
+requires requires {
+  typename Policy::template core<Masking>;
+}
+struct CoreOf<Policy, Masking> {
+  using type = typename Policy::template core<Masking>;
+};
+}  // namespace effattn::detail

@@ -230,6 +230,19 @@ class LowRank {
     slots_[slot(ctx.head, true)]->backward(v, ctx.key_length, d_vp, d_v, ws, ctx.worker);
   }
 
+  /// The attention over the projected rows (FullAttention with the logit scale), and its
+  /// context for a call whose sequence has n_k keys: pieces for mpi::SequenceParallel, which
+  /// projects the shards of a sequence apart and sums the parts.
+  const FullAttention<S>& attention() const { return attention_; }
+  HeadContext projected_context(const HeadContext& ctx, Index n_k) const {
+    return HeadContext{ctx.sequence,
+                       ctx.head,
+                       ctx.query_offset,
+                       slots_.front()->visible_rows(n_k, ctx.key_length),
+                       0,
+                       false};
+  }
+
   /// Around a parallel backward (AttentionCore calls these): learned projections add their
   /// gradients into one partial sum per worker, then into the gradient in worker order, so
   /// repeated calls on the same thread count give the same bits; n_k (the keys per sequence of
@@ -267,16 +280,6 @@ class LowRank {
   std::string slot_name(std::size_t s) const {
     if (config_.sharing != ProjectionSharing::none) return s == 0 ? "E" : "F";
     return detail::concat(s % 2 == 0 ? "E." : "F.", s / 2);
-  }
-
-  // The attention over projected rows: no causality, and rows made only of padding masked.
-  HeadContext projected_context(const HeadContext& ctx, Index n_k) const {
-    return HeadContext{ctx.sequence,
-                       ctx.head,
-                       ctx.query_offset,
-                       slots_.front()->visible_rows(n_k, ctx.key_length),
-                       0,
-                       false};
   }
 
   Config config_;

@@ -41,7 +41,7 @@ class MultiHeadAttention {
  public:
   using Scalar = typename Policy::Scalar;
   using S = Scalar;
-  using Core = AttentionCore<Policy, Masking>;
+  using Core = typename detail::CoreOf<Policy, Masking>::type;
   static constexpr bool causal = Masking::causal;
   /// Shared-QK (Reformer): the policy says so with `shared_qk = true`; then keys are the
   /// queries (K = Q = X W_q + b_q), there is no w_k or b_k, and only self-attention exists.

@@ -80,6 +80,16 @@ class CausalPrefix {
       m.row(j) *= std::exp(kb.shift(j) - frame);
   }
 
+  /// Adds a chunk's keys to the state without queries (no enter), moving it to the frame of
+  /// the largest shift so far.
+  template <class Block, class V, class St, class Z>
+  void add_keys(Block& kb, const V& v, St& state, Z& z) {
+    next_ = shift_;
+    for (Index j = 0; j < kb.valid(); ++j)
+      next_ = std::max(next_, kb.shift(j));
+    advance(kb, v, state, z);
+  }
+
   /// Adds the chunk's keys to the state, moving it to the frame of the chunk's last shift.
   template <class Block, class V, class St, class Z>
   void advance(Block& kb, const V& v, St& state, Z& z) {

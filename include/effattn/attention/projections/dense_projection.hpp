@@ -58,7 +58,10 @@ class DenseProjection {
     return std::max(Products::bytes(forward_capacity(n, w)), Products::bytes(backward_capacity(w)));
   }
 
-  void forward(ConstView<S> x, Index valid, View<S> y, Workspace& ws) const {
+  /// y = E[:, first : first + n] · x (x's rows from `valid` on as zeros). `first` > 0 projects
+  /// a part of a longer sequence that starts at position `first` (a shard: the parts' y add
+  /// up to the whole sequence's); first + x.rows() must be at most n_max.
+  void forward(ConstView<S> x, Index valid, View<S> y, Workspace& ws, Index first = 0) const {
     if (valid == 0) {
       y.setZero();
       return;
@@ -68,21 +71,22 @@ class DenseProjection {
     for (Index j0 = 0; j0 < valid; j0 += column_block) {
       const Index cols = std::min(column_block, valid - j0);
       if (j0 == 0)
-        mul.assign(y, weight_.leftCols(cols), x.topRows(cols));
+        mul.assign(y, weight_.middleCols(first, cols), x.topRows(cols));
       else
-        mul.add(y, weight_.middleCols(j0, cols), x.middleRows(j0, cols));
+        mul.add(y, weight_.middleCols(first + j0, cols), x.middleRows(j0, cols));
     }
   }
 
+  /// dx from dy, and dE's columns [first, first + valid) added to (see forward).
   void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace& ws,
-                int worker = 0) {
+                int worker = 0, Index first = 0) {
     Workspace::Frame frame(ws);
     const Products mul(ws, backward_capacity(x.cols()));
     for (Index j0 = 0; j0 < valid; j0 += column_block) {
       const Index cols = std::min(column_block, valid - j0);
-      mul.assign(dx.middleRows(j0, cols), weight_.middleCols(j0, cols).transpose(), dy);
+      mul.assign(dx.middleRows(j0, cols), weight_.middleCols(first + j0, cols).transpose(), dy);
       sums_.add(worker, config_.k, config_.n_max, [&](Matrix<S>& g) {
-        mul.add(g.middleCols(j0, cols), dy, x.middleRows(j0, cols).transpose());
+        mul.add(g.middleCols(first + j0, cols), dy, x.middleRows(j0, cols).transpose());
       });
     }
     dx.bottomRows(x.rows() - valid).setZero();
