@@ -5,7 +5,8 @@
 // Time per iteration is the slowest rank's (a barrier, the call, the maximum over ranks), and
 // every benchmark runs a fixed number of iterations so that all ranks make the same calls.
 // Counters (the largest over ranks): GFLOPs_per_rank (the policy's work on the whole sequence
-// over P, per second; training counted as in attention_bench), peak_fraction (of one rank's
+// over P, per second, LSH's its own count of this rank's work; training counted as in
+// attention_bench), peak_fraction (of one rank's
 // measured fp32 FMA peak on its threads), bytes_sent_per_call (what a rank hands to MPI per
 // call), scratch_bytes and saved_bytes per rank; tokens_per_s counts whole-sequence tokens.
 // Full causal runs on SequenceShards::balanced, the rest on contiguous shards. Only rank 0
@@ -53,11 +54,16 @@ void run(benchmark::State& state, Index n_local, bool training) {
   Inputs in(mine, 1 + std::uint64_t(comm.rank()));
   Matrix<float> d_out = in.v, dq(in.q.rows(), in.q.cols()), dk = dq, dv = dq;
   const SequenceShape shape = mine.shape();
+  const Matrix<float>& keys = detail::policy_shares_qk<Policy> ? in.q : in.k;
   auto call = [&] {
-    core.forward(in.q, in.k, in.v, in.out, shape, shape, training);
-    if (training) core.backward(in.q, in.k, in.v, in.out, d_out, dq, dk, dv, shape, shape);
+    core.forward(in.q, keys, in.v, in.out, shape, shape, training);
+    if (training) core.backward(in.q, keys, in.v, in.out, d_out, dq, dk, dv, shape, shape);
   };
   call();  // sizes the buffers
+  constexpr bool counts_work = requires {
+    core.policy().work();
+  };
+  if constexpr (counts_work) core.policy().reset_work();
   const std::size_t sent_before = core.bytes_sent();
   for (auto _ : state) {
     MPI_Barrier(MPI_COMM_WORLD);
@@ -68,8 +74,10 @@ void run(benchmark::State& state, Index n_local, bool training) {
   }
   const double calls = double(state.iterations());
   const bool exact = std::is_same_v<Policy, FullAttention<float>>;
-  const double work =
-      (training ? (exact ? 3.5 : 3.0) : 1.0) * policy_flops<Policy>(whole) / ranks * calls;
+  // LSHAttention counts its work (it depends on the buckets): this rank's share, forward.
+  double forward_work = policy_flops<Policy>(whole) / ranks * calls;
+  if constexpr (counts_work) forward_work = slowest(core.policy().work().flops(whole.d, whole.d));
+  const double work = (training ? (exact ? 3.5 : 3.0) : 1.0) * forward_work;
   state.counters["GFLOPs_per_rank"] = benchmark::Counter(work / 1e9, benchmark::Counter::kIsRate);
   state.counters["peak_fraction"] =
       benchmark::Counter(work / 1e9 / peak_gflops, benchmark::Counter::kIsRate);
@@ -127,6 +135,7 @@ int main(int argc, char** argv) {
   add_all<FullAttention<float>, true>("full", {1024, 4096});
   add_all<Favor<float>, true>("favor", {16384, 65536});
   add_all<LowRank<float>, false>("lowrank", {16384, 65536});
+  add_all<LSHAttention<float>, true>("lsh", {4096, 16384});
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) {
     MPI_Finalize();

@@ -1,8 +1,8 @@
 // A whole model on sharded sequences: MultiHeadAttention<mpi::SequenceParallel<P>> (P =
-// FullAttention, Favor, LowRank) inside pre-norm residual blocks gives each rank its rows of the
-// single-process model's output and input gradient, and, after all_reduce_gradients, its parameter
-// gradients (b_k's is 0 up to rounding under softmax's shift invariance: gradient_error has an
-// absolute floor).
+// FullAttention, Favor, LowRank, LSHAttention) inside pre-norm residual blocks gives each rank its
+// rows of the single-process model's output and input gradient, and, after all_reduce_gradients,
+// its parameter gradients (b_k's is 0 up to rounding under softmax's shift invariance:
+// gradient_error has an absolute floor).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -93,6 +93,9 @@ TEST_CASE("A sharded encoder equals the whole one: outputs and all gradients", "
   check_encoder<Favor<double>, Bidirectional>(5 - comm.rank() % 2, {.features = 12});
   check_encoder<LowRank<double>, Bidirectional>(5 - comm.rank() % 2,
                                                 {.projection = {.k = 4, .n_max = 5 * comm.size()}});
+  check_encoder<LSHAttention<double>, Causal>(4 + comm.rank(), {.chunk = 3, .rounds = 2});
+  check_encoder<LSHAttention<double>, Bidirectional>(5 - comm.rank() % 2,
+                                                     {.chunk = 2, .rounds = 2, .buckets = 4});
 }
 
 TEST_CASE("A sharded Favor block is a Favor: its random features can be redrawn", "[mpi]") {

@@ -194,6 +194,12 @@ class LSHAttention {
     const std::lock_guard<std::mutex> lock(work_lock_.mutex);
     work_ = {};
   }
+  /// Adds to work(): what a call computed (mpi::ShardedLSH records each rank's share).
+  void record_work(double pairs, double hashed_columns) const {
+    const std::lock_guard<std::mutex> lock(work_lock_.mutex);
+    work_.pairs += pairs;
+    work_.hashed_columns += hashed_columns;
+  }
 
   std::size_t scratch_bytes(Index n_q, Index /*n_k*/, Index d_k, Index d_v) const {
     using W = Workspace;
@@ -232,29 +238,87 @@ class LSHAttention {
     hash_and_sort(k, length, ctx.head, order, bucket, ws);
     Rounds rounds = chunking(order, bucket, n, length, ctx.causal, ws);
     Chunk chunk(config_, scale(q.cols()), q, k, v, detail::lsh::inverse_norms(k, length, ws), ws);
-    auto o = ws.matrix<S>(std::min(config_.chunk, n), v.cols());
-    S* rescale = ws.take<S>(std::min(config_.chunk, n));  // each chunk row's factor for out
-
-    constexpr S neg_inf = -std::numeric_limits<S>::infinity();
-    std::fill(m, m + n, neg_inf);
+    std::fill(m, m + n, -std::numeric_limits<S>::infinity());
     std::fill(z, z + n, S(0));
     out.setZero();
+    const double pairs = forward_chunks(
+        rounds, chunk, out, m, z, [](Index, Index) { return true; }, ws);
+    for (Index t = 0; t < n; ++t) {
+      if (z[t] > S(0)) out.row(t) *= S(1) / z[t];
+      z[t] = z[t] > S(0) ? std::log(z[t]) : std::numeric_limits<S>::infinity();
+    }
+    record_work(pairs, double(length * config_.rounds * plan(n).columns()));
+  }
+
+  void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
+                ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
+                const HeadContext& ctx, Workspace& ws) const {
+    const Index n = q.rows(), length = ctx.key_length;
+    const detail::EigenSingleThreadScope serial_products;
+    Workspace::Frame frame(ws);
+    Rounds rounds = chunking(saved.order.data(), saved.bucket.data(), n, length, ctx.causal, ws);
+    const S* inv_norm = detail::lsh::inverse_norms(k, length, ws);
+    Chunk chunk(config_, scale(q.cols()), q, k, v, inv_norm, ws);
+    S* delta = ws.take<S>(n);  // D_i = dO_i · O_i
+    for (Index t = 0; t < length; ++t)
+      delta[t] = d_out.row(t).dot(out.row(t));
+    d_q.setZero();
+    d_k.setZero();  // accumulates d k̂ first
+    d_v.setZero();
+    backward_chunks(
+        rounds, chunk, d_out, delta, saved.max.data(), saved.log_sum.data(), d_q, d_k, d_v,
+        [](Index, Index) { return true; }, ws);
+    finish_gradients(k, inv_norm, length, d_q, d_k);
+  }
+
+  // The pieces of forward and backward, for mpi::ShardedLSH, which runs the chunks of each
+  // round on the rank that holds them, on rows gathered from other ranks (Chunk::rows_from).
+
+  using Rounds = detail::lsh::Chunking;
+  using Chunk = detail::lsh::GatheredChunk<S>;
+
+  /// Every round's chunks (n tokens, the first `length` valid): Workspace-backed.
+  Rounds chunking(const std::int32_t* order, const std::int32_t* bucket, Index n, Index length,
+                  bool causal, Workspace& ws) const {
+    const Index chunks = detail::lsh::max_chunks(n, config_.chunk, plan(n).buckets);
+    return Rounds(config_, chunks, order, bucket, n, length, causal, ws);
+  }
+
+  /// The first `columns` columns of the rotation of (head, round), into dst (d_k × columns).
+  template <class Dst>
+  void copy_rotation(Index head, Index round, Index columns, Dst&& dst) const {
+    rotations_.copy(head, round, columns, dst);
+  }
+
+  /// Forward's chunk loop: for every round and every chunk ci with owns(round, ci), the
+  /// chunk's queries run one step of the online softmax over their window, into their rows
+  /// (chunk.row(t)) of out (Σ exp(logit − m)·v), m (running max) and z (running sum).
+  /// Returns the query–key pairs computed.
+  template <class Owns>
+  double forward_chunks(Rounds& rounds, Chunk& chunk, View<S> out, S* m, S* z, Owns&& owns,
+                        Workspace& ws) const {
+    Workspace::Frame frame(ws);
+    const Index c = chunk.qs.rows();
+    auto o = ws.matrix<S>(c, out.cols());
+    S* rescale = ws.take<S>(c);  // each chunk row's factor for out
+    const bool prefetch = !chunk.gathers_rows();
     double pairs = 0;
     for (Index round = 0; round < config_.rounds; ++round) {
       rounds.select(round);
       for (Index ci = 0; ci < rounds.chunks(); ++ci) {
+        if (!owns(round, ci)) continue;
         const Index rows = chunk.logits(rounds, ci), q0 = rounds.first(ci);
-        detail::lsh::prefetch_rows(out, rounds.order, q0, q0 + rows, true);
+        if (prefetch) detail::lsh::prefetch_rows(out, rounds.order, q0, q0 + rows, true);
         pairs += double(rows * chunk.keys);
         auto p = chunk.p.topLeftCorner(rows, chunk.keys);
         auto o_c = o.topRows(rows);
         for (Index a = 0; a < rows; ++a) {  // every row has its own key: max ≥ −1e5
-          const Index t = rounds.order[q0 + a];
-          rescale[a] = detail::online_softmax_row(&p(a, 0), p.cols(), m[t], z[t]);
+          const Index r = chunk.row(rounds.order[q0 + a]);
+          rescale[a] = detail::online_softmax_row(&p(a, 0), p.cols(), m[r], z[r]);
         }
         chunk.mul.assign(o_c, p, chunk.vs.topRows(chunk.keys));
         for (Index a = 0; a < rows; ++a) {
-          auto row = out.row(rounds.order[q0 + a]);
+          auto row = out.row(chunk.row(rounds.order[q0 + a]));
           if (rescale[a] == S(1))
             row += o_c.row(a);
           else
@@ -262,55 +326,46 @@ class LSHAttention {
         }
       }
     }
-    for (Index t = 0; t < n; ++t) {
-      if (z[t] > S(0)) out.row(t) *= S(1) / z[t];
-      z[t] = z[t] > S(0) ? std::log(z[t]) : std::numeric_limits<S>::infinity();
-    }
-    const std::lock_guard<std::mutex> lock(work_lock_.mutex);
-    work_.pairs += pairs;
-    work_.hashed_columns += double(length * config_.rounds * plan(n).columns());
+    return pairs;
   }
 
-  void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
-                ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
-                const HeadContext& ctx, Workspace& ws) const {
-    const Index n = q.rows(), length = ctx.key_length;
-    const Index dk = q.cols(), dv = v.cols(), c = std::min(config_.chunk, n);
-    const detail::EigenSingleThreadScope serial_products;
+  /// Backward's chunk loop over the chunks with owns(round, ci): adds to the rows
+  /// (chunk.row(t)) of d_q the gradient of the unscaled queries' logits, of d_k that of the
+  /// unit keys k̂, of d_v that of the values, from d_out, delta (dO·O), and each row's
+  /// log-sum-exp as max and log_sum.
+  template <class Owns>
+  void backward_chunks(Rounds& rounds, Chunk& chunk, ConstView<S> d_out, const S* delta,
+                       const S* max, const S* log_sum, View<S> d_q, View<S> d_k, View<S> d_v,
+                       Owns&& owns, Workspace& ws) const {
     Workspace::Frame frame(ws);
-    Rounds rounds = chunking(saved.order.data(), saved.bucket.data(), n, length, ctx.causal, ws);
-    const S* inv_norm = detail::lsh::inverse_norms(k, length, ws);
-    Chunk chunk(config_, scale(dk), q, k, v, inv_norm, ws);
-    S* delta = ws.take<S>(n);  // D_i = dO_i · O_i
-    for (Index t = 0; t < length; ++t)
-      delta[t] = d_out.row(t).dot(out.row(t));
+    const Index dk = chunk.qs.cols(), dv = chunk.vs.cols(), c = chunk.qs.rows();
     const Index w = chunk.p.cols();
+    const bool prefetch = !chunk.gathers_rows();
     auto d_o = ws.matrix<S>(c, dv);
     auto dp = ws.matrix<S>(c, w);
     auto d_vs = ws.matrix<S>(w, dv);
     auto d_qs = ws.matrix<S>(c, dk);
     auto d_ks = ws.matrix<S>(w, dk);
-    d_q.setZero();
-    d_k.setZero();  // accumulates d k̂ first
-    d_v.setZero();
-
     for (Index round = 0; round < config_.rounds; ++round) {
       rounds.select(round);
       for (Index ci = 0; ci < rounds.chunks(); ++ci) {
+        if (!owns(round, ci)) continue;
         const Index m = chunk.logits(rounds, ci), q0 = rounds.first(ci), keys = chunk.keys;
         // The rows this chunk's gradients are added to (its own tokens are new in the
         // window), and the next chunk's output gradients.
-        for (const auto* grad : {&d_q, &d_k, &d_v})
-          detail::lsh::prefetch_rows(*grad, rounds.order, q0, q0 + m, true);
-        if (ci + 1 < rounds.chunks())
-          detail::lsh::prefetch_rows(d_out, rounds.order, rounds.first(ci + 1),
-                                     rounds.stop(ci + 1));
+        if (prefetch) {
+          for (const auto* grad : {&d_q, &d_k, &d_v})
+            detail::lsh::prefetch_rows(*grad, rounds.order, q0, q0 + m, true);
+          if (ci + 1 < rounds.chunks())
+            detail::lsh::prefetch_rows(d_out, rounds.order, rounds.first(ci + 1),
+                                       rounds.stop(ci + 1));
+        }
         auto p = chunk.p.topLeftCorner(m, keys);
         for (Index a = 0; a < m; ++a) {
-          const Index t = rounds.order[q0 + a];
-          d_o.row(a) = d_out.row(t);
-          p.row(a).array() -= saved.max[t];  // exp(logit − max − log_sum), max first
-          detail::exp_shifted_sum(&p(a, 0), keys, saved.log_sum[t]);
+          const Index r = chunk.row(rounds.order[q0 + a]);
+          d_o.row(a) = d_out.row(r);
+          p.row(a).array() -= max[r];  // exp(logit − max − log_sum), max first
+          detail::exp_shifted_sum(&p(a, 0), keys, log_sum[r]);
         }
         auto d_o_c = d_o.topRows(m);
         auto d_vs_c = d_vs.topRows(keys);
@@ -318,7 +373,7 @@ class LSHAttention {
         auto dp_c = dp.topLeftCorner(m, keys);
         chunk.mul.assign(dp_c, d_o_c, chunk.vs.topRows(keys).transpose());
         for (Index a = 0; a < m; ++a) {
-          const S da = delta[rounds.order[q0 + a]];
+          const S da = delta[chunk.row(rounds.order[q0 + a])];
           dp_c.row(a) = (p.row(a).array() * (dp_c.row(a).array() - da)).matrix();
           dp_c(a, chunk.self[a]) = S(0);  // the self logit is a constant
         }
@@ -327,15 +382,22 @@ class LSHAttention {
         auto d_ks_c = d_ks.topRows(keys);
         chunk.mul.assign(d_ks_c, dp_c.transpose(), chunk.qs.topRows(m));  // qs carries the scale
         for (Index a = 0; a < m; ++a)
-          d_q.row(rounds.order[q0 + a]) += d_qs_c.row(a);
+          d_q.row(chunk.row(rounds.order[q0 + a])) += d_qs_c.row(a);
         for (Index b = 0; b < keys; ++b) {
-          d_k.row(chunk.token[b]) += d_ks_c.row(b);
-          d_v.row(chunk.token[b]) += d_vs_c.row(b);
+          const Index r = chunk.row(chunk.token[b]);
+          d_k.row(r) += d_ks_c.row(b);
+          d_v.row(r) += d_vs_c.row(b);
         }
       }
     }
-    d_q *= scale(dk);
-    for (Index t = 0; t < length; ++t) {  // through k̂ = k/‖k‖: (I − k̂k̂ᵀ) d k̂ / ‖k‖
+  }
+
+  /// The last step of backward: d_q times the logit scale, and d_k from the gradient of the
+  /// unit keys k̂ = k/‖k‖ (rows [0, rows) of k, with their inverse norms).
+  void finish_gradients(ConstView<S> k, const S* inv_norm, Index rows, View<S> d_q,
+                        View<S> d_k) const {
+    d_q *= scale(k.cols());
+    for (Index t = 0; t < rows; ++t) {  // through k̂ = k/‖k‖: (I − k̂k̂ᵀ) d k̂ / ‖k‖
       const S inv = inv_norm[t];
       const S along = inv * k.row(t).dot(d_k.row(t));
       d_k.row(t) = inv * (d_k.row(t) - along * inv * k.row(t));
@@ -343,15 +405,6 @@ class LSHAttention {
   }
 
  private:
-  using Rounds = detail::lsh::Chunking;
-  using Chunk = detail::lsh::GatheredChunk<S>;
-
-  Rounds chunking(const std::int32_t* order, const std::int32_t* bucket, Index n, Index length,
-                  bool causal, Workspace& ws) const {
-    const Index chunks = detail::lsh::max_chunks(n, config_.chunk, plan(n).buckets);
-    return Rounds(config_, chunks, order, bucket, n, length, causal, ws);
-  }
-
   void check_head_round(Index head, Index round) const {
     detail::require(head >= 0 && head < layout_.heads, "LSHAttention", "head", head,
                     detail::concat("a head in [0, ", layout_.heads, ")"));
@@ -367,7 +420,7 @@ class LSHAttention {
     const BucketPlan bp = plan(n);
     detail::lsh::hash_keys<S>(
         k, length, r, bp,
-        [&](Index round, Index columns, auto&& dst) { rotations_.copy(head, round, columns, dst); },
+        [&](Index round, Index columns, auto&& dst) { copy_rotation(head, round, columns, dst); },
         bucket, ws);
     Index* count = ws.take<Index>(bp.buckets + 2);
     for (Index round = 0; round < r; ++round)

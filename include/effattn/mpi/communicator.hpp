@@ -31,8 +31,11 @@ MPI_Datatype datatype() {
     return MPI_FLOAT;
   else if constexpr (std::is_same_v<S, double>)
     return MPI_DOUBLE;
+  else if constexpr (std::is_same_v<S, std::int32_t>)
+    return MPI_INT32_T;
   else {
-    static_assert(std::is_same_v<S, std::int64_t>, "effattn::mpi: float, double or int64 only");
+    static_assert(std::is_same_v<S, std::int64_t>,
+                  "effattn::mpi: float, double, int32 or int64 only");
     return MPI_INT64_T;
   }
 }
@@ -66,6 +69,30 @@ class Communicator {
     check(MPI_Allgather(&value, 1, MPI_INT64_T, all.data(), 1, MPI_INT64_T, comm_),
           "MPI_Allgather");
     return all;
+  }
+
+  /// Every rank's `send` (counts[r] values from rank r; counts alike on every rank) into
+  /// `recv`, in rank order.
+  template <class S>
+  void all_gather(const S* send, const std::vector<std::size_t>& counts, S* recv) const {
+    std::vector<int> c, at;
+    layout(counts, c, at);
+    check(MPI_Allgatherv(send, c[std::size_t(rank_)], detail::datatype<S>(), recv, c.data(),
+                         at.data(), detail::datatype<S>(), comm_),
+          "MPI_Allgatherv");
+  }
+
+  /// Personalised all-to-all: send_counts[r] values of `send` (in rank order) go to rank r,
+  /// and recv_counts[r] values from rank r arrive in `recv` (in rank order).
+  template <class S>
+  void all_to_all(const S* send, const std::vector<std::size_t>& send_counts, S* recv,
+                  const std::vector<std::size_t>& recv_counts) const {
+    std::vector<int> sc, sat, rc, rat;
+    layout(send_counts, sc, sat);
+    layout(recv_counts, rc, rat);
+    check(MPI_Alltoallv(send, sc.data(), sat.data(), detail::datatype<S>(), recv, rc.data(),
+                        rat.data(), detail::datatype<S>(), comm_),
+          "MPI_Alltoallv");
   }
 
   /// In place: data[i] = Σ over ranks (or the maximum, with max = true).
@@ -160,6 +187,19 @@ class Communicator {
   }
 
  private:
+  // MPI's counts and displacements of one value block per rank.
+  void layout(const std::vector<std::size_t>& counts, std::vector<int>& c,
+              std::vector<int>& at) const {
+    effattn::detail::require(counts.size() == std::size_t(size_), "mpi::Communicator", "counts",
+                             counts.size(), effattn::detail::concat("one per rank (", size_, ")"));
+    std::size_t total = 0;
+    for (const std::size_t n : counts) {
+      c.push_back(count_of(n));
+      at.push_back(count_of(total));
+      total += n;
+    }
+    count_of(total);
+  }
   static int count_of(std::size_t count) {
     effattn::detail::require(count <= std::size_t(INT_MAX), "mpi::Communicator", "count", count,
                              "at most INT_MAX values in one message");

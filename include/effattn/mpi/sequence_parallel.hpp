@@ -10,6 +10,7 @@
 #include "effattn/attention/full_attention.hpp"
 #include "effattn/attention/head_layout.hpp"
 #include "effattn/attention/low_rank.hpp"
+#include "effattn/attention/lsh.hpp"
 #include "effattn/attention/masking.hpp"
 #include "effattn/attention/projections/dense_projection.hpp"
 #include "effattn/core/error.hpp"
@@ -20,6 +21,7 @@
 #include "effattn/mpi/sequence_shards.hpp"
 #include "effattn/mpi/sharded_favor.hpp"
 #include "effattn/mpi/sharded_low_rank.hpp"
+#include "effattn/mpi/sharded_lsh.hpp"
 
 namespace effattn::mpi {
 
@@ -38,15 +40,16 @@ class ShardedCore;
 /// SequenceParallel<P> is a P (its members, e.g. Favor's projection() and redraw(), are
 /// there) whose Config adds the communicator and the shards. FullAttention runs as ring
 /// attention (RingAttention), Favor with reductions of its sums (ShardedFavor), LowRank with
-/// the learned (dense) projection with one reduction of E·K and F·V (ShardedLowRank).
-/// LowRank's pooling projections and LSHAttention are not sequence-parallel yet and do not
-/// compile.
+/// the learned (dense) projection with one reduction of E·K and F·V (ShardedLowRank), and
+/// LSHAttention with its sorted chunks shared out among the ranks (ShardedLSH). LowRank's
+/// pooling and convolution projections are not sequence-parallel and do not compile.
 template <class Policy>
 struct SequenceParallel {
   static_assert(sizeof(Policy) == 0,
-                "effattn: mpi::SequenceParallel exists for FullAttention (ring attention), Favor "
-                "and LowRank<S, DenseProjection> so far; LowRank's pooling projections and "
-                "LSHAttention are not sequence-parallel yet.");
+                "effattn: mpi::SequenceParallel exists for FullAttention (ring attention), "
+                "Favor, LSHAttention and LowRank<S, DenseProjection>; LowRank's pooling and "
+                "convolution projections are not sequence-parallel (their windows would cross "
+                "the shards).");
 };
 
 /// What the sequence-parallel policies share: the inner policy, made from Config::policy, and
@@ -94,8 +97,18 @@ struct SequenceParallel<LowRank<S, DenseProjection>> : ShardedPolicy<LowRank<S, 
   using core = ShardedCore<SequenceParallel, Engine<Masking>>;
 };
 
+template <class S>
+struct SequenceParallel<LSHAttention<S>> : ShardedPolicy<LSHAttention<S>> {
+  using ShardedPolicy<LSHAttention<S>>::ShardedPolicy;
+  static constexpr const char* name = "lsh (sequence-parallel)";
+  template <class Masking>
+  using Engine = ShardedLSH<S, Masking>;
+  template <class Masking>
+  using core = ShardedCore<SequenceParallel, Engine<Masking>>;
+};
+
 /// What MultiHeadAttention needs of a core (AttentionCore's interface), on a sharded engine
-/// (RingAttention, ShardedFavor) that runs the policy.
+/// (RingAttention, ShardedFavor, ShardedLowRank, ShardedLSH) that runs the policy.
 template <class Policy, class Engine>
 class ShardedCore {
  public:

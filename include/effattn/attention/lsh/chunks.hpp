@@ -202,6 +202,13 @@ struct GatheredChunk {
         {Products<S>::capacity(d, w), Products<S>::capacity(w, d), Products<S>::capacity(c, d)});
   }
 
+  /// Rows of q, k, v (and inv_norm) hold the tokens of `row_of` (row of token t: row_of[t]),
+  /// not the whole sequence in order: what a sequence-parallel engine gathers from ranks.
+  void rows_from(const std::int32_t* row_of) { row_of_ = row_of; }
+  /// The row of q, k, v holding token t.
+  Index row(Index t) const { return row_of_ ? Index(row_of_[t]) : t; }
+  bool gathers_rows() const { return row_of_ != nullptr; }
+
   // Gathers the queries of chunk ci and the keys of its window, and writes their masked
   // logits to p (rows × keys). Returns the row count.
   Index logits(const Chunking& rounds, Index ci) {
@@ -209,20 +216,20 @@ struct GatheredChunk {
     const Index q0 = rounds.first(ci), m = rounds.stop(ci) - q0;
     const S s = scale_;
     for (Index a = 0; a < m; ++a)
-      qs.row(a) = s * q_.row(rounds.order[q0 + a]);
+      qs.row(a) = s * q_.row(row(rounds.order[q0 + a]));
     keys = 0;
     Index own = 0;
     rounds.for_each_window_chunk(ci, [&](Index first, Index stop) {
       if (first == q0) own = keys;
       for (Index j = first; j < stop; ++j) {
-        const Index t = rounds.order[j];
+        const Index t = rounds.order[j], r = row(t);
         token[keys] = static_cast<std::int32_t>(t);
-        ks.row(keys) = inv_norm_[t] * k_.row(t);
-        vs.row(keys) = v_.row(t);
+        ks.row(keys) = inv_norm_[r] * k_.row(r);
+        vs.row(keys) = v_.row(r);
         ++keys;
       }
     });
-    if (ci + 1 < rounds.chunks()) {  // the next chunk's own rows: its queries and new keys
+    if (!row_of_ && ci + 1 < rounds.chunks()) {  // the next chunk's rows: its queries, new keys
       const Index next = rounds.first(ci + 1), end = rounds.stop(ci + 1);
       prefetch_rows(q_, rounds.order, next, end);
       prefetch_rows(k_, rounds.order, next, end);
@@ -261,6 +268,7 @@ struct GatheredChunk {
   std::int32_t* self;                                     // column of each row's own key
   Products<S> mul;  // the chunk's products (and the policy's, on the chunk's operands)
   Index keys = 0;
+  const std::int32_t* row_of_ = nullptr;  // token → row of q, k, v (none: the identity)
 };
 
 }  // namespace effattn::detail::lsh
