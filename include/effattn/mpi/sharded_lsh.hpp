@@ -34,8 +34,9 @@ namespace effattn::mpi {
 ///     then sorts by (bucket, position) and cuts the chunks itself, as one process would;
 ///  2. the sorted order of each round is shared out: the chunk starting at sorted index s
 ///     belongs to rank ⌊s·P / valid⌋, so every rank runs about 1/P of each round's queries;
-///  3. one all-to-all brings each rank the q, k, v rows of the tokens its chunks and their
-///     look-back / look-forward windows need (the halo), from the ranks that hold them;
+///  3. each rank lists the tokens its chunks and their look-back / look-forward windows need
+///     (the halo included); an all-to-all of these lists (int32 positions), then one of the
+///     q, k, v rows, brings them from the ranks that hold them;
 ///  4. each rank runs the policy's own chunk loop (LSHAttention::forward_chunks) on them,
 ///     keeping every query's running max, sum and weighted values over its rounds;
 ///  5. one all-to-all returns these to the tokens' ranks, which combine them by log-sum-exp.
@@ -105,8 +106,12 @@ class ShardedLSH {
       bytes += p.bytes();
     return bytes;
   }
-  /// Most scratch the kernels' workspaces held (all threads), and the buffers of a call.
-  std::size_t scratch_bytes() const { return pool_.peak_bytes() + buffer_peak_; }
+  /// Most scratch the kernels' workspaces held (all threads), and the message buffers (kept
+  /// from call to call, so that a call allocates only when it needs more).
+  std::size_t scratch_bytes() const {
+    return pool_.peak_bytes() +
+           sizeof(S) * (send_.capacity() + recv_.capacity() + (kept_ ? 0 : rows_.capacity()));
+  }
 
   void forward(const Policy& policy, ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out,
                const SequenceShape& shape, bool keep_saved) {
@@ -122,17 +127,18 @@ class ShardedLSH {
 
     // The rows each rank's chunks need: q | k | v.
     const Index width = 2 * d_key() + d_value();
-    const std::vector<S> sent = pack(width, [&](Index problem, Index row, S* to) {
+    pack(width, [&](Index problem, Index row, S* to) {
       const Index b = problem / h, head = problem % h, at = b * local_length() + row;
       copy_row(q, at, head * d_key(), d_key(), to);
       copy_row(k, at, head * d_key(), d_key(), to + d_key());
       copy_row(v, at, head * d_value(), d_value(), to + 2 * d_key());
     });
-    rows_ = exchange(sent, width, false);
+    exchange(width, false, rows_);
 
     // This rank's chunks: running max, sum and Σ exp(logit − max)·v of every fetched query.
     const Index fetched = received_rows();
-    Matrix<S> partial(fetched, d_value() + 2);
+    send_.resize(std::size_t(fetched * (d_value() + 2)));  // the rows went out: reuse
+    Eigen::Map<Matrix<S>> partial(send_.data(), fetched, d_value() + 2);
     {
       const auto count = static_cast<std::size_t>(fetched);
       std::vector<S> m(count, -std::numeric_limits<S>::infinity()), z(count, S(0));
@@ -154,10 +160,8 @@ class ShardedLSH {
         partial(i, d_value() + 1) = z[std::size_t(i)];
       }
     }
-    buffer_peak_ = std::max(
-        buffer_peak_, sizeof(S) * std::size_t(sent.size() + rows_.size() + 2 * partial.size()));
-    const std::vector<S> back = exchange(
-        std::vector<S>(partial.data(), partial.data() + partial.size()), d_value() + 2, true);
+    exchange(d_value() + 2, true, recv_);
+    const std::vector<S>& back = recv_;
 
     // Each local row combines its partial results by log-sum-exp.
     out.setZero();
@@ -193,7 +197,7 @@ class ShardedLSH {
     });
     kept_ = keep_saved;
     last_ = keep_saved ? shape : SequenceShape{};
-    if (!keep_saved) release_saved();
+    if (!keep_saved) rows_.clear();  // its memory stays, as scratch for the next call
   }
 
   /// Backward of the last forward that kept its state, on the same q, k, v, out: overwrites
@@ -209,7 +213,7 @@ class ShardedLSH {
 
     // What the chunks' ranks need of each query: d_out | max | log_sum | dO·O.
     const Index width = d_value() + 3;
-    const std::vector<S> sent = pack(width, [&](Index problem, Index row, S* to) {
+    pack(width, [&](Index problem, Index row, S* to) {
       const Problem& p = problems_[std::size_t(problem)];
       const Index b = problem / h, head = problem % h, at = b * local_length() + row;
       copy_row(d_out, at, head * d_value(), d_value(), to);
@@ -219,11 +223,13 @@ class ShardedLSH {
                               .segment(head * d_value(), d_value())
                               .dot(out.row(at).segment(head * d_value(), d_value()));
     });
-    const std::vector<S> grads_in = exchange(sent, width, false);
+    exchange(width, false, recv_);
+    const std::vector<S>& grads_in = recv_;
 
     // This rank's chunks: gradients of the fetched rows' q, k̂ and v.
     const Index fetched = received_rows(), fwidth = 2 * d_key() + d_value();
-    Matrix<S> grads(fetched, fwidth);
+    send_.resize(std::size_t(fetched * fwidth));  // d_out went out: reuse
+    Eigen::Map<Matrix<S>> grads(send_.data(), fetched, fwidth);
     {
       const Eigen::Map<const Matrix<S>> in(grads_in.data(), fetched, width);
       const auto count = static_cast<std::size_t>(fetched);
@@ -241,10 +247,8 @@ class ShardedLSH {
                                g.rightCols(d_value()), owns, ws);
       });
     }
-    buffer_peak_ = std::max(buffer_peak_, sizeof(S) * std::size_t(sent.size() + grads_in.size() +
-                                                                  rows_.size() + 2 * grads.size()));
-    const std::vector<S> back =
-        exchange(std::vector<S>(grads.data(), grads.data() + grads.size()), fwidth, true);
+    exchange(fwidth, true, recv_);  // d_out and the rest are no longer needed
+    const std::vector<S>& back = recv_;
 
     // Each local row sums its gradients, then through the scale and the key normalisation.
     dq.setZero();
@@ -301,8 +305,7 @@ class ShardedLSH {
 
   template <class M>
   static void copy_row(const M& m, Index row, Index col, Index count, S* to) {
-    for (Index j = 0; j < count; ++j)
-      to[j] = m(row, col + j);
+    Eigen::Map<RowVector<S>>(to, count) = m.row(row).segment(col, count);
   }
 
   // Step 1: hash this rank's rows, gather every rank's buckets, and sort every round.
@@ -354,55 +357,91 @@ class ShardedLSH {
     });
   }
 
-  // Step 2: which tokens each rank's chunks need, and where the fetched rows go.
+  // Step 2: the tokens this rank's chunks need (their windows), listed by the rank that holds
+  // them in its local order; one all-to-all of these lists tells every rank which of its rows
+  // to send where. Then the row of each fetched token: from rank 0 (its rows for problem 0,
+  // 1, …), then rank 1, …
   void plan_exchange(const Policy& policy) {
-    const Index n = shards().total();
-    parallel_for(Index(problems_.size()), threads_, [&](Index problem, int slot) {
+    const Index n = shards().total(), problems = Index(problems_.size());
+    const auto P = static_cast<std::size_t>(ranks());
+    parallel_for(problems, threads_, [&](Index problem, int slot) {
       Problem& p = problems_[std::size_t(problem)];
       Workspace& ws = pool_[slot];
       Workspace::Frame frame(ws);
       typename Policy::Rounds rounds =
           policy.chunking(p.order.data(), p.bucket.data(), n, p.valid, causal, ws);
-      std::vector<std::pair<std::int32_t, std::int32_t>> out, in;  // (rank, position)
+      const auto owns = mine(rounds, p.valid);
+      p.row_of.assign(std::size_t(n), -1);  // 0 marks a needed token until rows are numbered
       for (Index round = 0; round < policy.config().rounds; ++round) {
         rounds.select(round);
-        for (Index ci = 0; ci < rounds.chunks(); ++ci) {
-          const int to = chunk_rank(rounds.first(ci), p.valid);
-          rounds.for_each_window_chunk(ci, [&](Index first, Index stop) {
-            for (Index j = first; j < stop; ++j) {
-              const std::int32_t t = rounds.order[j];
-              const int from = owner_[std::size_t(t)];
-              if (from == me()) out.emplace_back(to, t);
-              if (to == me()) in.emplace_back(from, t);
-            }
-          });
-        }
+        for (Index ci = 0; ci < rounds.chunks(); ++ci)
+          if (owns(round, ci))
+            rounds.for_each_window_chunk(ci, [&](Index first, Index stop) {
+              for (Index j = first; j < stop; ++j)
+                p.row_of[std::size_t(rounds.order[j])] = 0;
+            });
       }
-      auto split = [&](std::vector<std::pair<std::int32_t, std::int32_t>>& pairs,
-                       std::vector<std::int32_t>& positions, std::vector<std::size_t>& count) {
-        std::sort(pairs.begin(), pairs.end());
-        pairs.erase(std::unique(pairs.begin(), pairs.end()), pairs.end());
-        count.assign(std::size_t(ranks()), 0);
-        positions.clear();
-        for (const auto& [rank, t] : pairs) {
-          ++count[std::size_t(rank)];
-          positions.push_back(t);
-        }
-      };
-      split(out, p.sent, p.sent_count);
-      split(in, p.received, p.received_count);
+      p.received.clear();
+      p.received_count.assign(P, 0);
+      for (int from = 0; from < ranks(); ++from)
+        for (const Segment& s : shards().segments(from))
+          for (Index t = s.offset; t < s.offset + s.length; ++t)
+            if (p.row_of[std::size_t(t)] == 0) {
+              p.received.push_back(static_cast<std::int32_t>(t));
+              ++p.received_count[std::size_t(from)];
+            }
     });
-    // Fetched rows: from rank 0 (its rows for problem 0, 1, …), then rank 1, …
-    Index row = 0;
-    for (Problem& p : problems_)
-      p.row_of.assign(std::size_t(n), -1);
-    for (int from = 0; from < ranks(); ++from)
-      for (Problem& p : problems_) {
+    // How many each rank wants of this one, per problem; then which.
+    std::vector<std::int64_t> want(P * std::size_t(problems)), asked(want.size());
+    for (std::size_t from = 0; from < P; ++from)
+      for (std::size_t q = 0; q < problems_.size(); ++q)
+        want[from * problems_.size() + q] = std::int64_t(problems_[q].received_count[from]);
+    const std::vector<std::size_t> per_rank(P, problems_.size());
+    call_.comm().all_to_all(want.data(), per_rank, asked.data(), per_rank);
+    std::vector<std::size_t> to(P, 0), from(P, 0);
+    for (std::size_t r = 0; r < P; ++r)
+      for (std::size_t q = 0; q < problems_.size(); ++q) {
+        to[r] += std::size_t(want[r * problems_.size() + q]);
+        from[r] += std::size_t(asked[r * problems_.size() + q]);
+      }
+    std::vector<std::int32_t> lists, wanted;
+    for (std::size_t r = 0; r < P; ++r)
+      for (const Problem& p : problems_) {
         std::size_t at = 0;
-        for (int q = 0; q < from; ++q)
-          at += p.received_count[std::size_t(q)];
-        for (std::size_t i = 0; i < p.received_count[std::size_t(from)]; ++i)
-          p.row_of[std::size_t(p.received[at + i])] = static_cast<std::int32_t>(row++);
+        for (std::size_t q = 0; q < r; ++q)
+          at += p.received_count[q];
+        lists.insert(lists.end(), p.received.begin() + std::ptrdiff_t(at),
+                     p.received.begin() + std::ptrdiff_t(at + p.received_count[r]));
+      }
+    std::size_t total = 0;
+    for (std::size_t r = 0; r < P; ++r) {
+      total += from[r];
+      if (int(r) != me()) bytes_sent_ += sizeof(std::int32_t) * to[r];
+    }
+    wanted.resize(total);
+    call_.comm().all_to_all(lists.data(), to, wanted.data(), from);
+    for (Problem& p : problems_) {
+      p.sent.clear();
+      p.sent_count.assign(P, 0);
+    }
+    std::size_t at = 0;
+    for (std::size_t r = 0; r < P; ++r)
+      for (std::size_t q = 0; q < problems_.size(); ++q) {
+        const auto count = std::size_t(asked[r * problems_.size() + q]);
+        Problem& p = problems_[q];
+        p.sent.insert(p.sent.end(), wanted.begin() + std::ptrdiff_t(at),
+                      wanted.begin() + std::ptrdiff_t(at + count));
+        p.sent_count[r] = count;
+        at += count;
+      }
+    Index row = 0;
+    for (int source = 0; source < ranks(); ++source)
+      for (Problem& p : problems_) {
+        std::size_t first = 0;
+        for (int q = 0; q < source; ++q)
+          first += p.received_count[std::size_t(q)];
+        for (std::size_t i = 0; i < p.received_count[std::size_t(source)]; ++i)
+          p.row_of[std::size_t(p.received[first + i])] = static_cast<std::int32_t>(row++);
       }
   }
 
@@ -442,10 +481,10 @@ class ShardedLSH {
     return Eigen::Map<const Matrix<S>>(rows_.data(), received_rows(), width);
   }
 
-  // Rows of `width` values for every token this rank sends, by destination then problem;
-  // fill(problem, local row, to) writes one.
+  // Into send_: rows of `width` values for every token this rank sends, by destination then
+  // problem; fill(problem, local row, to) writes one.
   template <class Fill>
-  std::vector<S> pack(Index width, Fill&& fill) const {
+  void pack(Index width, Fill&& fill) {
     std::vector<std::size_t> start(problems_.size() * std::size_t(ranks()));
     std::size_t rows = 0;
     for (int to = 0; to < ranks(); ++to)
@@ -453,17 +492,17 @@ class ShardedLSH {
         start[std::size_t(to) * problems_.size() + problem] = rows;
         rows += problems_[problem].sent_count[std::size_t(to)];
       }
-    std::vector<S> buffer(rows * std::size_t(width));
+    send_.resize(rows * std::size_t(width));
+    S* buffer = send_.data();
     parallel_for(Index(problems_.size()), threads_, [&](Index problem, int) {
       const Problem& p = problems_[std::size_t(problem)];
       std::size_t i = 0;
       for (int to = 0; to < ranks(); ++to) {
         std::size_t row = start[std::size_t(to) * problems_.size() + std::size_t(problem)];
         for (std::size_t c = 0; c < p.sent_count[std::size_t(to)]; ++c, ++i, ++row)
-          fill(problem, Index(local_row_[std::size_t(p.sent[i])]), buffer.data() + row * width);
+          fill(problem, Index(local_row_[std::size_t(p.sent[i])]), buffer + row * width);
       }
     });
-    return buffer;
   }
 
   // Calls f(local row, values) for every row that came back from the ranks this rank sent to
@@ -482,9 +521,9 @@ class ShardedLSH {
       }
   }
 
-  // One all-to-all of rows of `width`: this rank's sent rows to the chunks' ranks, or
-  // (`back`) the fetched rows' results to the tokens' ranks.
-  std::vector<S> exchange(const std::vector<S>& send, Index width, bool back) {
+  // One all-to-all of send_'s rows of `width` into `into`: this rank's rows to the chunks'
+  // ranks, or (`back`) the fetched rows' results to the tokens' ranks.
+  void exchange(Index width, bool back, std::vector<S>& into) {
     std::vector<std::size_t> to(std::size_t(ranks()), 0), from(std::size_t(ranks()), 0);
     for (const Problem& p : problems_)
       for (int q = 0; q < ranks(); ++q) {
@@ -498,9 +537,8 @@ class ShardedLSH {
       total += from[std::size_t(q)];
       if (q != me()) bytes_sent_ += sizeof(S) * to[std::size_t(q)];
     }
-    std::vector<S> received(total);
-    call_.comm().all_to_all(send.data(), to, received.data(), from);
-    return received;
+    into.resize(total);
+    call_.comm().all_to_all(send_.data(), to, into.data(), from);
   }
 
   void prepare(const Policy& policy) {
@@ -527,12 +565,13 @@ class ShardedLSH {
   detail::ShardedCall call_;
   std::vector<std::int32_t> owner_, local_row_;  // per position: its rank, its row there
   std::vector<Problem> problems_;
-  std::vector<S> rows_;  // the fetched q | k | v rows
+  std::vector<S> rows_;         // the fetched q | k | v rows
+  std::vector<S> send_, recv_;  // messages
   WorkspacePool pool_;
   int threads_ = 1;
   bool kept_ = false;
   SequenceShape last_{};
-  std::size_t bytes_sent_ = 0, buffer_peak_ = 0;
+  std::size_t bytes_sent_ = 0;
 };
 
 }  // namespace effattn::mpi
