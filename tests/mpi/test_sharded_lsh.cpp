@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <vector>
 
 #include "effattn/effattn.hpp"
 #include "effattn/mpi/sharded_lsh.hpp"
@@ -37,6 +38,13 @@ TEST_CASE("Sharded LSH equals one process: shards, padding, masking, options", "
   const mpi::Communicator comm;
   const auto uneven = mpi::SequenceShards::contiguous(comm, 6 + 5 * comm.rank());
   const auto two_segments = mpi::SequenceShards::balanced(comm.size(), 13 * comm.size() + 3);
+  // ranks in reverse position order: rank 0 holds the end of the sequence
+  std::vector<std::vector<mpi::Segment>> backwards(std::size_t(comm.size()));
+  for (int r = 0, offset = 0; r < comm.size(); ++r) {
+    const int length = 4 + 3 * (comm.size() - 1 - r);
+    backwards[std::size_t(comm.size() - 1 - r)] = {{offset, length}};
+    offset += length;
+  }
   const LSHConfig configs[] = {
       {.chunk = 4, .rounds = 2},                                     // buckets ≈ 2n/c
       {.chunk = 3, .rounds = 3, .buckets = 4, .look_forward = 1},    // windows both ways
@@ -44,7 +52,7 @@ TEST_CASE("Sharded LSH equals one process: shards, padding, masking, options", "
       {.chunk = 3, .rounds = 3, .buckets = 4, .look_back = 2, .dedup = true},
       {.chunk = 5, .rounds = 1, .buckets = 1, .look_back = 0},  // no hashing: plain chunks
   };
-  for (const auto& shards : {uneven, two_segments}) {
+  for (const auto& shards : {uneven, two_segments, mpi::SequenceShards(backwards)}) {
     const Index n = shards.total();
     for (const SequenceShape& shape :
          {SequenceShape{2, n, {n, n - std::min<Index>(7, n - 1)}}, SequenceShape{3, n, {1, 4, 0}}})
@@ -81,7 +89,8 @@ TEST_CASE("Sharded LSH rejects a bad call on every rank, before any data moves",
   Matrix<double> out(4, 4), wrong(3, 4);
   // only rank 0 passes a wrong output: every rank throws
   CHECK_THROWS_AS(
-      sharded.forward(policy, x, x, x, comm.rank() == 0 ? View<double>(wrong) : View<double>(out), {1, 4}, true),
+      sharded.forward(policy, x, x, x, comm.rank() == 0 ? View<double>(wrong) : View<double>(out),
+                      {1, 4}, true),
       Error);
   CHECK_FALSE(sharded.kept_for({1, 4}));
   // backward without a forward that kept its state

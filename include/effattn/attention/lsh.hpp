@@ -294,8 +294,8 @@ class LSHAttention {
   /// chunk's queries run one step of the online softmax over their window, into their rows
   /// (chunk.row(t)) of out (Σ exp(logit − m)·v), m (running max) and z (running sum).
   /// Returns the query–key pairs computed.
-  template <class Owns>
-  double forward_chunks(Rounds& rounds, Chunk& chunk, View<S> out, S* m, S* z, Owns&& owns,
+  template <class AnyRounds, class Owns>
+  double forward_chunks(AnyRounds& rounds, Chunk& chunk, View<S> out, S* m, S* z, Owns&& owns,
                         Workspace& ws) const {
     Workspace::Frame frame(ws);
     const Index c = chunk.qs.rows();
@@ -333,8 +333,8 @@ class LSHAttention {
   /// (chunk.row(t)) of d_q the gradient of the unscaled queries' logits, of d_k that of the
   /// unit keys k̂, of d_v that of the values, from d_out, delta (dO·O), and each row's
   /// log-sum-exp as max and log_sum.
-  template <class Owns>
-  void backward_chunks(Rounds& rounds, Chunk& chunk, ConstView<S> d_out, const S* delta,
+  template <class AnyRounds, class Owns>
+  void backward_chunks(AnyRounds& rounds, Chunk& chunk, ConstView<S> d_out, const S* delta,
                        const S* max, const S* log_sum, View<S> d_q, View<S> d_k, View<S> d_v,
                        Owns&& owns, Workspace& ws) const {
     Workspace::Frame frame(ws);

@@ -1,6 +1,7 @@
 #pragma once
-// ShardedLSH: Reformer's LSH attention over a sequence sharded across MPI ranks: the hashed,
-// sorted chunks are shared out among the ranks, which fetch the rows their chunks need.
+// ShardedLSH: Reformer's LSH attention over a sequence sharded across MPI ranks: a distributed
+// sort by (bucket, position), the sorted chunks shared out among the ranks, which fetch the rows
+// their chunks need.
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +21,9 @@
 #include "effattn/core/workspace.hpp"
 #include "effattn/core/workspace_pool.hpp"
 #include "effattn/mpi/communicator.hpp"
+#include "effattn/mpi/detail/distributed_sort.hpp"
+#include "effattn/mpi/detail/rank_chunks.hpp"
+#include "effattn/mpi/detail/row_exchange.hpp"
 #include "effattn/mpi/detail/sharded_call.hpp"
 #include "effattn/mpi/sequence_shards.hpp"
 
@@ -27,35 +31,37 @@ namespace effattn::mpi {
 
 /// Sequence-parallel LSH attention (LSHAttention<S>, Reformer). Each rank holds the rows of
 /// its shard of every sequence (q, k [batch·n_r × heads·d_key], v, out [batch·n_r ×
-/// heads·d_value]); per sequence and head:
+/// heads·d_value]); per sequence, head and hash round:
 ///
-///  1. every rank hashes its own keys (the policy's rotations) and one all-gather of the
-///     bucket ids (rounds int32 per token) gives every rank every round's buckets; each rank
-///     then sorts by (bucket, position) and cuts the chunks itself, as one process would;
-///  2. the sorted order of each round is shared out: the chunk starting at sorted index s
-///     belongs to rank ⌊s·P / valid⌋, so every rank runs about 1/P of each round's queries;
-///  3. each rank lists the tokens its chunks and their look-back / look-forward windows need
-///     (the halo included); an all-to-all of these lists (int32 positions), then one of the
-///     q, k, v rows, brings them from the ranks that hold them;
-///  4. each rank runs the policy's own chunk loop (LSHAttention::forward_chunks) on them,
+///  1. every rank hashes its own keys (the policy's rotations);
+///  2. a distributed counting sort: one all-reduce of the bucket counts (buckets int32) gives
+///     every bucket's first sorted index; each token's (bucket, position) goes to the rank of
+///     its bucket (bucket β to rank ⌊β·P / buckets⌋), which orders its buckets' tokens by
+///     position and returns each its sorted index: all-to-alls of 8 and 4 bytes per token;
+///  3. the sorted order is shared out: the chunk starting at sorted index s belongs to rank
+///     ⌊s·P / valid⌋, so every rank computes about 1/P of each round's queries. Each rank
+///     sends its tokens to the ranks whose chunks' windows (look-back, look-forward) hold
+///     them, each once over the rounds: their position, sorted index and bucket in every
+///     round, and their q, k, v rows (two all-to-alls);
+///  4. each rank runs the policy's own chunk loop (LSHAttention::forward_chunks) on its chunks,
 ///     keeping every query's running max, sum and weighted values over its rounds;
 ///  5. one all-to-all returns these to the tokens' ranks, which combine them by log-sum-exp.
 ///
-/// Backward mirrors it: the tokens' ranks send d_out and each row's log-sum-exp (with
-/// dO·O), the chunks' ranks run LSHAttention::backward_chunks and return the gradients of
-/// q, k̂ and v, which the tokens' ranks sum and carry through the key normalisation. The
-/// result is what AttentionCore<LSHAttention<S>> computes on the whole sequences (the same
+/// Backward mirrors 4 and 5: the tokens' ranks send d_out and each row's log-sum-exp (with
+/// dO·O), the chunks' ranks run LSHAttention::backward_chunks and return the gradients of q,
+/// k̂ and v, which the tokens' ranks sum and carry through the key normalisation. The result
+/// is what AttentionCore<LSHAttention<S>> computes on the whole sequences (the same
 /// rotations, buckets and chunks), up to rounding; causal, padding at the end of the whole
 /// sequence, dedup, same_bucket and look_forward as there. Any shards.
 ///
-/// Costs per rank: the attention's work divided by P (rows per round; buckets may make it
-/// uneven); rows sent ≈ rounds · (1 + look_back + look_forward) · n/P · (2·d_key + d_value)
-/// values each way, and the bucket ids. Every rank also holds every round's buckets and
-/// order of the whole sequence (O(rounds · n) int32 per sequence and head, kept for
-/// backward) and sorts them: linear, small beside the attention until P approaches the
-/// chunk's work per token. The policy's work() counts this rank's share. Forward keeps the fetched
-/// rows for backward. Every rank must pass the same LSHAttention (the same rotations). A call some
-/// rank rejects throws on every rank before any data moves.
+/// Costs per rank and call: the attention's work divided by P (rows per round; uneven
+/// buckets make it uneven); rows sent ≈ min(P, rounds · (1 + look_back + look_forward)) ·
+/// n/P · (2·d_key + d_value) values, as many results back; the bucket counts (rounds ·
+/// buckets int32 per sequence and head, about n/32 with the automatic 2n/chunk buckets) and
+/// 12 bytes per token and round for the sort. Memory per rank is O(n/P) but for the bucket
+/// counts. Forward keeps the fetched rows and each rank's chunks for backward. Every rank
+/// must pass the same LSHAttention (the same rotations). The policy's work() counts this
+/// rank's share. A call some rank rejects throws on every rank before any data moves.
 template <class S, class Masking = Bidirectional>
 class ShardedLSH {
   static_assert(effattn::detail::assert_masking<Masking>());
@@ -66,44 +72,38 @@ class ShardedLSH {
   static constexpr bool causal = Masking::causal;
 
   ShardedLSH(HeadLayout layout, Communicator comm, SequenceShards shards)
-      : call_("mpi::ShardedLSH", layout, comm, std::move(shards)) {
+      : call_("mpi::ShardedLSH", layout, comm, std::move(shards)), exchange_(call_.comm(), 0) {
     const Index n = call_.shards().total();
     effattn::detail::require(n <= std::numeric_limits<std::int32_t>::max(), call_.who(), "shards",
                              n, "at most 2^31 − 1 positions per sequence");
-    owner_.resize(std::size_t(n));
-    local_row_.resize(std::size_t(n));
-    for (int r = 0; r < call_.comm().size(); ++r) {
-      Index row = 0;
-      for (const Segment& s : call_.shards().segments(r))
-        for (Index i = 0; i < s.length; ++i, ++row) {
-          owner_[std::size_t(s.offset + i)] = r;
-          local_row_[std::size_t(s.offset + i)] = static_cast<std::int32_t>(row);
-        }
-    }
+    for (const Segment& s : call_.shards().segments(me()))
+      for (Index i = 0; i < s.length; ++i)
+        position_.push_back(static_cast<std::int32_t>(s.offset + i));
   }
 
   const SequenceShards& shards() const { return call_.shards(); }
   const HeadLayout& layout() const { return call_.layout(); }
   Index local_length() const { return call_.local_length(); }
   /// Values this rank has handed to MPI since construction, in bytes (not counting what it
-  /// sends itself; an all-gather counts this rank's part once).
+  /// sends itself; an all-reduce counts once at its size).
   std::size_t bytes_sent() const { return bytes_sent_; }
   bool kept_for(const SequenceShape& shape) const {
     return kept_ && detail::ShardedCall::same_shape(shape, last_);
   }
   void release_saved() {
     problems_ = {};
+    exchange_ = detail::RowExchange(call_.comm(), 0);
     rows_ = {};
     kept_ = false;
     last_ = {};
   }
-  /// What a forward keeps for backward: every round's buckets and order, the maps of the
-  /// fetched rows and the rows themselves, and each local row's log-sum-exp.
+  /// What a forward keeps for backward: this rank's chunks, the lists of rows sent and
+  /// fetched, the fetched rows, and each local row's log-sum-exp.
   std::size_t saved_bytes() const {
     if (!kept_) return 0;
-    std::size_t bytes = sizeof(S) * std::size_t(rows_.size());
-    for (const Problem& p : problems_)
-      bytes += p.bytes();
+    std::size_t bytes = sizeof(S) * rows_.size();
+    for (std::size_t q = 0; q < problems_.size(); ++q)
+      bytes += problems_[q].bytes() + sizeof(std::int32_t) * exchange_[q].sent.size();
     return bytes;
   }
   /// Most scratch the kernels' workspaces held (all threads), and the message buffers (kept
@@ -122,21 +122,25 @@ class ShardedLSH {
     const Index h = layout().heads, problems = shape.batch * h;
     prepare(policy);
     problems_.assign(std::size_t(problems), Problem{});
-    hash_and_sort(policy, k, shape, valid);
-    plan_exchange(policy);
+    for (Index problem = 0; problem < problems; ++problem)
+      problems_[std::size_t(problem)].valid = valid[std::size_t(problem / h)];
+    exchange_ = detail::RowExchange(call_.comm(), std::size_t(problems));
+    sort(policy, k);
+    plan_sends(policy);
+    receive_tokens(policy);
 
-    // The rows each rank's chunks need: q | k | v.
+    // The rows of the tokens: q | k | v.
     const Index width = 2 * d_key() + d_value();
-    pack(width, [&](Index problem, Index row, S* to) {
+    exchange_.pack(send_, width, threads_, [&](Index problem, Index row, S* to) {
       const Index b = problem / h, head = problem % h, at = b * local_length() + row;
       copy_row(q, at, head * d_key(), d_key(), to);
       copy_row(k, at, head * d_key(), d_key(), to + d_key());
       copy_row(v, at, head * d_value(), d_value(), to + 2 * d_key());
     });
-    exchange(width, false, rows_);
+    bytes_sent_ += exchange_.exchange(send_, width, false, rows_);
 
     // This rank's chunks: running max, sum and Σ exp(logit − max)·v of every fetched query.
-    const Index fetched = received_rows();
+    const Index fetched = exchange_.received_rows();
     send_.resize(std::size_t(fetched * (d_value() + 2)));  // the rows went out: reuse
     Eigen::Map<Matrix<S>> partial(send_.data(), fetched, d_value() + 2);
     {
@@ -160,8 +164,7 @@ class ShardedLSH {
         partial(i, d_value() + 1) = z[std::size_t(i)];
       }
     }
-    exchange(d_value() + 2, true, recv_);
-    const std::vector<S>& back = recv_;
+    bytes_sent_ += exchange_.exchange(send_, d_value() + 2, true, recv_);
 
     // Each local row combines its partial results by log-sum-exp.
     out.setZero();
@@ -170,24 +173,25 @@ class ShardedLSH {
       const Index b = problem / h, head = problem % h;
       p.max.assign(std::size_t(local_length()), -std::numeric_limits<S>::infinity());
       p.log_sum.assign(std::size_t(local_length()), S(0));
-      for_each_sent(problem, d_value() + 2, back.data(), [&](Index row, const S* r) {
-        S& m = p.max[std::size_t(row)];
-        S& z = p.log_sum[std::size_t(row)];
-        const S m_part = r[d_value()], z_part = r[d_value() + 1];
-        if (z_part == S(0)) return;
-        auto o = out.row(b * local_length() + row).segment(head * d_value(), d_value());
-        const Eigen::Map<const RowVector<S>> o_part(r, d_value());
-        if (m_part > m) {
-          const S f = std::exp(m - m_part);
-          o = f * o + o_part;
-          z = f * z + z_part;
-          m = m_part;
-        } else {
-          const S f = std::exp(m_part - m);
-          o += f * o_part;
-          z += f * z_part;
-        }
-      });
+      exchange_.for_each_returned(
+          std::size_t(problem), d_value() + 2, recv_.data(), [&](Index row, const S* r) {
+            S& m = p.max[std::size_t(row)];
+            S& z = p.log_sum[std::size_t(row)];
+            const S m_part = r[d_value()], z_part = r[d_value() + 1];
+            if (z_part == S(0)) return;
+            auto o = out.row(b * local_length() + row).segment(head * d_value(), d_value());
+            const Eigen::Map<const RowVector<S>> o_part(r, d_value());
+            if (m_part > m) {
+              const S f = std::exp(m - m_part);
+              o = f * o + o_part;
+              z = f * z + z_part;
+              m = m_part;
+            } else {
+              const S f = std::exp(m_part - m);
+              o += f * o_part;
+              z += f * z_part;
+            }
+          });
       for (Index row = 0; row < local_length(); ++row) {
         S& z = p.log_sum[std::size_t(row)];
         if (z > S(0))
@@ -213,7 +217,7 @@ class ShardedLSH {
 
     // What the chunks' ranks need of each query: d_out | max | log_sum | dO·O.
     const Index width = d_value() + 3;
-    pack(width, [&](Index problem, Index row, S* to) {
+    exchange_.pack(send_, width, threads_, [&](Index problem, Index row, S* to) {
       const Problem& p = problems_[std::size_t(problem)];
       const Index b = problem / h, head = problem % h, at = b * local_length() + row;
       copy_row(d_out, at, head * d_value(), d_value(), to);
@@ -223,11 +227,11 @@ class ShardedLSH {
                               .segment(head * d_value(), d_value())
                               .dot(out.row(at).segment(head * d_value(), d_value()));
     });
-    exchange(width, false, recv_);
+    bytes_sent_ += exchange_.exchange(send_, width, false, recv_);
     const std::vector<S>& grads_in = recv_;
 
     // This rank's chunks: gradients of the fetched rows' q, k̂ and v.
-    const Index fetched = received_rows(), fwidth = 2 * d_key() + d_value();
+    const Index fetched = exchange_.received_rows(), fwidth = 2 * d_key() + d_value();
     send_.resize(std::size_t(fetched * fwidth));  // d_out went out: reuse
     Eigen::Map<Matrix<S>> grads(send_.data(), fetched, fwidth);
     {
@@ -247,7 +251,7 @@ class ShardedLSH {
                                g.rightCols(d_value()), owns, ws);
       });
     }
-    exchange(fwidth, true, recv_);  // d_out and the rest are no longer needed
+    bytes_sent_ += exchange_.exchange(send_, fwidth, true, recv_);  // d_out: no longer needed
     const std::vector<S>& back = recv_;
 
     // Each local row sums its gradients, then through the scale and the key normalisation.
@@ -258,11 +262,12 @@ class ShardedLSH {
       const Index b = problem / h, head = problem % h, at = b * local_length();
       auto rows_of = [&](auto& m, Index w) { return m.block(at, head * w, local_length(), w); };
       View<S> g_q = rows_of(dq, d_key()), g_k = rows_of(dk, d_key()), g_v = rows_of(dv, d_value());
-      for_each_sent(problem, fwidth, back.data(), [&](Index row, const S* r) {
-        g_q.row(row) += Eigen::Map<const RowVector<S>>(r, d_key());
-        g_k.row(row) += Eigen::Map<const RowVector<S>>(r + d_key(), d_key());
-        g_v.row(row) += Eigen::Map<const RowVector<S>>(r + 2 * d_key(), d_value());
-      });
+      exchange_.for_each_returned(
+          std::size_t(problem), fwidth, back.data(), [&](Index row, const S* r) {
+            g_q.row(row) += Eigen::Map<const RowVector<S>>(r, d_key());
+            g_k.row(row) += Eigen::Map<const RowVector<S>>(r + d_key(), d_key());
+            g_v.row(row) += Eigen::Map<const RowVector<S>>(r + 2 * d_key(), d_value());
+          });
       Workspace& ws = pool_[slot];
       Workspace::Frame frame(ws);
       const ConstView<S> keys = rows_of(k, d_key());
@@ -272,19 +277,16 @@ class ShardedLSH {
   }
 
  private:
-  // One sequence and head: the whole sequence's buckets and order, and which rows go where.
+  // One sequence and head.
   struct Problem {
     Index valid = 0;
-    std::vector<std::int32_t> bucket, order;  // rounds × n
-    // Positions of this rank's tokens sent to each rank (ascending), concatenated in rank
-    // order, and how many go to each; the same for the tokens received from each rank.
-    std::vector<std::int32_t> sent, received;
-    std::vector<std::size_t> sent_count, received_count;
-    std::vector<std::int32_t> row_of;  // n: position → row of the fetched rows (−1: none)
-    std::vector<S> max, log_sum;       // local rows: log-sum-exp of the forward
+    std::vector<detail::RoundPlan> plans;      // each round's buckets and chunks (then in chunks)
+    std::vector<std::int32_t> bucket, sorted;  // rounds × local rows (sorted −1: padding)
+    detail::RankChunks chunks;                 // this rank's chunks of every round
+    std::vector<std::int32_t> row_of;          // local id → fetched row
+    std::vector<S> max, log_sum;               // local rows: log-sum-exp of the forward
     std::size_t bytes() const {
-      return sizeof(std::int32_t) *
-                 (bucket.size() + order.size() + sent.size() + received.size() + row_of.size()) +
+      return chunks.bytes() + sizeof(std::int32_t) * row_of.size() +
              sizeof(S) * (max.size() + log_sum.size());
     }
   };
@@ -293,252 +295,185 @@ class ShardedLSH {
   Index d_value() const { return layout().d_value; }
   int ranks() const { return call_.comm().size(); }
   int me() const { return call_.comm().rank(); }
-
   // The rank whose chunk starts at sorted index s of a round of `valid` tokens.
   int chunk_rank(Index s, Index valid) const { return int(s * ranks() / valid); }
-  // owns(round, ci) for the policy's chunk loops: the chunks of this rank.
-  auto mine(const typename Policy::Rounds& rounds, Index valid) const {
-    return [this, &rounds, valid](Index, Index ci) {
-      return chunk_rank(rounds.first(ci), valid) == me();
-    };
-  }
 
   template <class M>
   static void copy_row(const M& m, Index row, Index col, Index count, S* to) {
     Eigen::Map<RowVector<S>>(to, count) = m.row(row).segment(col, count);
   }
 
-  // Step 1: hash this rank's rows, gather every rank's buckets, and sort every round.
-  void hash_and_sort(const Policy& policy, ConstView<S> k, const SequenceShape& shape,
-                     const std::vector<Index>& valid) {
+  // Steps 1 and 2: hash this rank's rows; the bucket counts; each valid row's sorted index.
+  void sort(const Policy& policy, ConstView<S> k) {
     const Index n = shards().total(), n_r = local_length(), r = policy.config().rounds;
-    const Index h = layout().heads, problems = shape.batch * h;
+    const Index h = layout().heads, Q = Index(problems_.size());
     const auto plan = policy.plan(n);
-    std::vector<std::int32_t> own(std::size_t(problems * r * n_r));
-    parallel_for(problems, threads_, [&](Index problem, int slot) {
-      const Index b = problem / h, head = problem % h;
+    const Index b = plan.buckets;
+    const std::size_t P = std::size_t(ranks());
+    auto valid_row = [&](const Problem& p, Index row) {
+      return position_[std::size_t(row)] < p.valid;
+    };
+    std::vector<std::int32_t> counts(std::size_t(Q * r * b), 0);
+    parallel_for(Q, threads_, [&](Index problem, int slot) {
+      Problem& p = problems_[std::size_t(problem)];
+      const Index seq = problem / h, head = problem % h;
+      p.bucket.resize(std::size_t(r * n_r));
       effattn::detail::lsh::hash_keys<S>(
-          k.block(b * n_r, head * d_key(), n_r, d_key()), n_r, r, plan,
+          k.block(seq * n_r, head * d_key(), n_r, d_key()), n_r, r, plan,
           [&](Index round, Index columns, auto&& dst) {
             policy.copy_rotation(head, round, columns, dst);
           },
-          own.data() + problem * r * n_r, pool_[slot]);
-    });
-    std::vector<std::size_t> counts(static_cast<std::size_t>(ranks()));
-    for (int p = 0; p < ranks(); ++p)
-      counts[std::size_t(p)] = std::size_t(problems * r * shards().local_length(p));
-    std::vector<std::int32_t> all(std::size_t(problems * r * n));
-    call_.comm().all_gather(own.data(), counts, all.data());
-    if (ranks() > 1) bytes_sent_ += sizeof(std::int32_t) * own.size();
-
-    parallel_for(problems, threads_, [&](Index problem, int slot) {
-      Problem& p = problems_[std::size_t(problem)];
-      p.valid = valid[std::size_t(problem / h)];
-      p.bucket.resize(std::size_t(r * n));
-      p.order.resize(std::size_t(r * n));
-      std::size_t from = 0;  // rank q's block: problems × rounds × its rows
-      for (int q = 0; q < ranks(); ++q) {
-        const Index n_q = shards().local_length(q);
-        const std::int32_t* block = all.data() + from + std::size_t(problem * r * n_q);
-        for (Index round = 0; round < r; ++round) {
-          Index row = 0;
-          for (const Segment& s : shards().segments(q))
-            for (Index i = 0; i < s.length; ++i, ++row)
-              p.bucket[std::size_t(round * n + s.offset + i)] = block[round * n_q + row];
-        }
-        from += counts[std::size_t(q)];
-      }
-      Workspace& ws = pool_[slot];
-      Workspace::Frame frame(ws);
-      Index* count = ws.take<Index>(plan.buckets + 2);
+          p.bucket.data(), pool_[slot]);
       for (Index round = 0; round < r; ++round)
-        effattn::detail::lsh::sort_by_bucket(p.bucket.data() + round * n, n, p.valid, plan.buckets,
-                                             p.order.data() + round * n, count);
+        for (Index row = 0; row < n_r; ++row)
+          if (valid_row(p, row))
+            ++counts[std::size_t((problem * r + round) * b +
+                                 p.bucket[std::size_t(round * n_r + row)])];
     });
+    call_.comm().all_reduce(counts.data(), counts.size());
+    if (P > 1) bytes_sent_ += sizeof(std::int32_t) * counts.size();
+    for (Index problem = 0; problem < Q; ++problem) {
+      Problem& p = problems_[std::size_t(problem)];
+      for (Index round = 0; round < r; ++round)
+        p.plans.emplace_back(&counts[std::size_t((problem * r + round) * b)], b,
+                             policy.config().chunk, p.valid, causal);
+    }
+
+    // Each valid row's sorted index in every round.
+    std::vector<std::vector<std::int32_t>> buckets(std::size_t(Q * r)), positions(buckets.size());
+    for (Index problem = 0; problem < Q; ++problem) {
+      const Problem& p = problems_[std::size_t(problem)];
+      for (Index round = 0; round < r; ++round)
+        for (Index row = 0; row < n_r; ++row)
+          if (valid_row(p, row)) {
+            buckets[std::size_t(problem * r + round)].push_back(
+                p.bucket[std::size_t(round * n_r + row)]);
+            positions[std::size_t(problem * r + round)].push_back(position_[std::size_t(row)]);
+          }
+    }
+    const std::vector<std::vector<std::int32_t>> sorted = detail::distributed_sort(
+        call_.comm(), buckets, positions, b,
+        [&](Index task, std::int64_t bucket) {
+          return problems_[std::size_t(task / r)]
+              .plans[std::size_t(task % r)]
+              .start[std::size_t(bucket)];
+        },
+        threads_, bytes_sent_);
+    for (Index problem = 0; problem < Q; ++problem) {
+      Problem& p = problems_[std::size_t(problem)];
+      p.sorted.assign(std::size_t(r * n_r), -1);
+      for (Index round = 0; round < r; ++round) {
+        std::size_t i = 0;
+        for (Index row = 0; row < n_r; ++row)
+          if (valid_row(p, row))
+            p.sorted[std::size_t(round * n_r + row)] =
+                sorted[std::size_t(problem * r + round)][i++];
+      }
+    }
   }
 
-  // Step 2: the tokens this rank's chunks need (their windows), listed by the rank that holds
-  // them in its local order; one all-to-all of these lists tells every rank which of its rows
-  // to send where. Then the row of each fetched token: from rank 0 (its rows for problem 0,
-  // 1, …), then rank 1, …
-  void plan_exchange(const Policy& policy) {
-    const Index n = shards().total(), problems = Index(problems_.size());
-    const auto P = static_cast<std::size_t>(ranks());
-    parallel_for(problems, threads_, [&](Index problem, int slot) {
-      Problem& p = problems_[std::size_t(problem)];
-      Workspace& ws = pool_[slot];
-      Workspace::Frame frame(ws);
-      typename Policy::Rounds rounds =
-          policy.chunking(p.order.data(), p.bucket.data(), n, p.valid, causal, ws);
-      const auto owns = mine(rounds, p.valid);
-      p.row_of.assign(std::size_t(n), -1);  // 0 marks a needed token until rows are numbered
-      for (Index round = 0; round < policy.config().rounds; ++round) {
-        rounds.select(round);
-        for (Index ci = 0; ci < rounds.chunks(); ++ci)
-          if (owns(round, ci))
-            rounds.for_each_window_chunk(ci, [&](Index first, Index stop) {
-              for (Index j = first; j < stop; ++j)
-                p.row_of[std::size_t(rounds.order[j])] = 0;
-            });
+  // Step 3: the ranks each valid row goes to (those whose chunks' windows hold it in some
+  // round), each once.
+  void plan_sends(const Policy& policy) {
+    const Index n_r = local_length(), r = policy.config().rounds;
+    parallel_for(Index(problems_.size()), threads_, [&](Index problem, int) {
+      const Problem& p = problems_[std::size_t(problem)];
+      std::vector<std::vector<std::int32_t>> to(static_cast<std::size_t>(ranks()));
+      std::vector<int> dests;
+      for (Index row = 0; row < n_r; ++row) {
+        if (p.sorted[std::size_t(row)] < 0) continue;  // padding
+        dests.clear();
+        for (Index round = 0; round < r; ++round) {
+          const detail::RoundPlan& plan = p.plans[std::size_t(round)];
+          const Index s = p.sorted[std::size_t(round * n_r + row)];
+          const Index b = p.bucket[std::size_t(round * n_r + row)];
+          plan.for_each_seeing(policy.config(), plan.chunk_of(s, b), b, [&](Index cj) {
+            dests.push_back(chunk_rank(plan.first(cj, b), p.valid));
+          });
+        }
+        std::sort(dests.begin(), dests.end());
+        dests.erase(std::unique(dests.begin(), dests.end()), dests.end());
+        for (const int d : dests)
+          to[std::size_t(d)].push_back(static_cast<std::int32_t>(row));
       }
-      p.received.clear();
-      p.received_count.assign(P, 0);
-      for (int from = 0; from < ranks(); ++from)
-        for (const Segment& s : shards().segments(from))
-          for (Index t = s.offset; t < s.offset + s.length; ++t)
-            if (p.row_of[std::size_t(t)] == 0) {
-              p.received.push_back(static_cast<std::int32_t>(t));
-              ++p.received_count[std::size_t(from)];
-            }
+      detail::RowExchange::Lists& lists = exchange_[std::size_t(problem)];
+      lists.sent.clear();
+      for (std::size_t d = 0; d < to.size(); ++d) {
+        lists.sent.insert(lists.sent.end(), to[d].begin(), to[d].end());
+        lists.sent_count[d] = to[d].size();
+      }
     });
-    // How many each rank wants of this one, per problem; then which.
-    std::vector<std::int64_t> want(P * std::size_t(problems)), asked(want.size());
-    for (std::size_t from = 0; from < P; ++from)
-      for (std::size_t q = 0; q < problems_.size(); ++q)
-        want[from * problems_.size() + q] = std::int64_t(problems_[q].received_count[from]);
-    const std::vector<std::size_t> per_rank(P, problems_.size());
-    call_.comm().all_to_all(want.data(), per_rank, asked.data(), per_rank);
-    std::vector<std::size_t> to(P, 0), from(P, 0);
-    for (std::size_t r = 0; r < P; ++r)
-      for (std::size_t q = 0; q < problems_.size(); ++q) {
-        to[r] += std::size_t(want[r * problems_.size() + q]);
-        from[r] += std::size_t(asked[r * problems_.size() + q]);
+    bytes_sent_ += exchange_.agree();
+  }
+
+  // Step 3 on the receiving side: every fetched token's position, sorted index and bucket in
+  // each round; local ids in position order; this rank's chunks.
+  void receive_tokens(const Policy& policy) {
+    const Index n_r = local_length(), r = policy.config().rounds, width = 1 + 2 * r;
+    std::vector<std::int32_t> out, in;
+    exchange_.pack(out, width, threads_, [&](Index problem, Index row, std::int32_t* to) {
+      const Problem& p = problems_[std::size_t(problem)];
+      to[0] = position_[std::size_t(row)];
+      for (Index round = 0; round < r; ++round) {
+        to[1 + 2 * round] = p.sorted[std::size_t(round * n_r + row)];
+        to[2 + 2 * round] = p.bucket[std::size_t(round * n_r + row)];
       }
-    std::vector<std::int32_t> lists, wanted;
-    for (std::size_t r = 0; r < P; ++r)
-      for (const Problem& p : problems_) {
-        std::size_t at = 0;
-        for (std::size_t q = 0; q < r; ++q)
-          at += p.received_count[q];
-        lists.insert(lists.end(), p.received.begin() + std::ptrdiff_t(at),
-                     p.received.begin() + std::ptrdiff_t(at + p.received_count[r]));
+    });
+    bytes_sent_ += exchange_.exchange(out, width, false, in);
+    parallel_for(Index(problems_.size()), threads_, [&](Index problem, int) {
+      Problem& p = problems_[std::size_t(problem)];
+      const detail::RowExchange::Lists& lists = exchange_[std::size_t(problem)];
+      std::vector<std::pair<std::int32_t, std::int32_t>> tokens;  // (position, fetched row)
+      for (std::size_t src = 0; src < lists.received_count.size(); ++src) {
+        const Index first = exchange_.first_row(src, std::size_t(problem));
+        for (std::size_t i = 0; i < lists.received_count[src]; ++i)
+          tokens.emplace_back(in[std::size_t((first + Index(i)) * width)],
+                              static_cast<std::int32_t>(first + Index(i)));
       }
-    std::size_t total = 0;
-    for (std::size_t r = 0; r < P; ++r) {
-      total += from[r];
-      if (int(r) != me()) bytes_sent_ += sizeof(std::int32_t) * to[r];
-    }
-    wanted.resize(total);
-    call_.comm().all_to_all(lists.data(), to, wanted.data(), from);
-    for (Problem& p : problems_) {
-      p.sent.clear();
-      p.sent_count.assign(P, 0);
-    }
-    std::size_t at = 0;
-    for (std::size_t r = 0; r < P; ++r)
-      for (std::size_t q = 0; q < problems_.size(); ++q) {
-        const auto count = std::size_t(asked[r * problems_.size() + q]);
-        Problem& p = problems_[q];
-        p.sent.insert(p.sent.end(), wanted.begin() + std::ptrdiff_t(at),
-                      wanted.begin() + std::ptrdiff_t(at + count));
-        p.sent_count[r] = count;
-        at += count;
+      std::sort(tokens.begin(), tokens.end());
+      const Index L = Index(tokens.size());
+      std::vector<std::int32_t> sorted(std::size_t(r * L)), bucket(std::size_t(r * L));
+      p.row_of.resize(std::size_t(L));
+      for (Index id = 0; id < L; ++id) {
+        const std::int32_t row = tokens[std::size_t(id)].second;
+        p.row_of[std::size_t(id)] = row;
+        for (Index round = 0; round < r; ++round) {
+          sorted[std::size_t(round * L + id)] = in[std::size_t(row * width + 1 + 2 * round)];
+          bucket[std::size_t(round * L + id)] = in[std::size_t(row * width + 2 + 2 * round)];
+        }
       }
-    Index row = 0;
-    for (int source = 0; source < ranks(); ++source)
-      for (Problem& p : problems_) {
-        std::size_t first = 0;
-        for (int q = 0; q < source; ++q)
-          first += p.received_count[std::size_t(q)];
-        for (std::size_t i = 0; i < p.received_count[std::size_t(source)]; ++i)
-          p.row_of[std::size_t(p.received[first + i])] = static_cast<std::int32_t>(row++);
-      }
+      const Index valid = p.valid;
+      p.chunks = detail::RankChunks(policy.config(), causal, std::move(p.plans), L, sorted,
+                                    std::move(bucket), me(),
+                                    [&](Index, Index first) { return chunk_rank(first, valid); });
+    });
   }
 
   // Calls loop(problem, rounds, chunk, owns, workspace) for every sequence and head (in
-  // parallel): its rounds cut into chunks, a chunk gathering from the fetched q | k | v rows,
-  // and owns(round, ci) choosing this rank's chunks.
+  // parallel): this rank's chunks of it, a chunk gathering from the fetched q | k | v rows,
+  // and owns(round, ci) choosing the chunks this rank computes.
   template <class Loop>
   void on_fetched_chunks(const Policy& policy, Loop&& loop) {
-    const Index n = shards().total(), fetched = received_rows();
-    const ConstView<S> rows = fetched_rows(2 * d_key() + d_value());
+    const Index fetched = exchange_.received_rows();
+    const ConstView<S> rows =
+        Eigen::Map<const Matrix<S>>(rows_.data(), fetched, 2 * d_key() + d_value());
     std::vector<S> inv_norm(static_cast<std::size_t>(fetched));
     for (Index i = 0; i < fetched; ++i) {
       const S norm = rows.row(i).segment(d_key(), d_key()).norm();
       inv_norm[std::size_t(i)] = norm > S(0) ? S(1) / norm : S(0);
     }
     parallel_for(Index(problems_.size()), threads_, [&](Index problem, int slot) {
-      const Problem& p = problems_[std::size_t(problem)];
+      Problem& p = problems_[std::size_t(problem)];
       Workspace& ws = pool_[slot];
       Workspace::Frame frame(ws);
-      typename Policy::Rounds rounds =
-          policy.chunking(p.order.data(), p.bucket.data(), n, p.valid, causal, ws);
       typename Policy::Chunk chunk(policy.config(), policy.scale(d_key()), rows.leftCols(d_key()),
                                    rows.middleCols(d_key(), d_key()), rows.rightCols(d_value()),
                                    inv_norm.data(), ws);
       chunk.rows_from(p.row_of.data());
-      loop(problem, rounds, chunk, mine(rounds, p.valid), ws);
+      detail::RankChunks& rounds = p.chunks;
+      loop(
+          problem, rounds, chunk, [&rounds](Index, Index ci) { return rounds.owned(ci); }, ws);
     });
-  }
-
-  Index received_rows() const {
-    Index rows = 0;
-    for (const Problem& p : problems_)
-      rows += Index(p.received.size());
-    return rows;
-  }
-  ConstView<S> fetched_rows(Index width) const {
-    return Eigen::Map<const Matrix<S>>(rows_.data(), received_rows(), width);
-  }
-
-  // Into send_: rows of `width` values for every token this rank sends, by destination then
-  // problem; fill(problem, local row, to) writes one.
-  template <class Fill>
-  void pack(Index width, Fill&& fill) {
-    std::vector<std::size_t> start(problems_.size() * std::size_t(ranks()));
-    std::size_t rows = 0;
-    for (int to = 0; to < ranks(); ++to)
-      for (std::size_t problem = 0; problem < problems_.size(); ++problem) {
-        start[std::size_t(to) * problems_.size() + problem] = rows;
-        rows += problems_[problem].sent_count[std::size_t(to)];
-      }
-    send_.resize(rows * std::size_t(width));
-    S* buffer = send_.data();
-    parallel_for(Index(problems_.size()), threads_, [&](Index problem, int) {
-      const Problem& p = problems_[std::size_t(problem)];
-      std::size_t i = 0;
-      for (int to = 0; to < ranks(); ++to) {
-        std::size_t row = start[std::size_t(to) * problems_.size() + std::size_t(problem)];
-        for (std::size_t c = 0; c < p.sent_count[std::size_t(to)]; ++c, ++i, ++row)
-          fill(problem, Index(local_row_[std::size_t(p.sent[i])]), buffer + row * width);
-      }
-    });
-  }
-
-  // Calls f(local row, values) for every row that came back from the ranks this rank sent to
-  // (exchange(…, true) of rows of `width`), in rank order.
-  template <class F>
-  void for_each_sent(Index problem, Index width, const S* back, F&& f) const {
-    std::size_t row = 0, i = 0;
-    const Problem& p = problems_[std::size_t(problem)];
-    for (int to = 0; to < ranks(); ++to)
-      for (std::size_t q = 0; q < problems_.size(); ++q) {
-        const std::size_t count = problems_[q].sent_count[std::size_t(to)];
-        if (q == std::size_t(problem))
-          for (std::size_t c = 0; c < count; ++c, ++i)
-            f(Index(local_row_[std::size_t(p.sent[i])]), back + (row + c) * std::size_t(width));
-        row += count;
-      }
-  }
-
-  // One all-to-all of send_'s rows of `width` into `into`: this rank's rows to the chunks'
-  // ranks, or (`back`) the fetched rows' results to the tokens' ranks.
-  void exchange(Index width, bool back, std::vector<S>& into) {
-    std::vector<std::size_t> to(std::size_t(ranks()), 0), from(std::size_t(ranks()), 0);
-    for (const Problem& p : problems_)
-      for (int q = 0; q < ranks(); ++q) {
-        to[std::size_t(q)] += (back ? p.received_count : p.sent_count)[std::size_t(q)];
-        from[std::size_t(q)] += (back ? p.sent_count : p.received_count)[std::size_t(q)];
-      }
-    std::size_t total = 0;
-    for (int q = 0; q < ranks(); ++q) {
-      to[std::size_t(q)] *= std::size_t(width);
-      from[std::size_t(q)] *= std::size_t(width);
-      total += from[std::size_t(q)];
-      if (q != me()) bytes_sent_ += sizeof(S) * to[std::size_t(q)];
-    }
-    into.resize(total);
-    call_.comm().all_to_all(send_.data(), to, into.data(), from);
   }
 
   void prepare(const Policy& policy) {
@@ -549,22 +484,18 @@ class ShardedLSH {
     const Index c = std::min(policy.config().chunk, n), w = policy.config().window(n);
     const Index dk = d_key(), dv = d_value();
     const auto plan = policy.plan(n);
-    const std::size_t chunks = W::bytes_for<std::int32_t>(
-        effattn::detail::lsh::max_chunks(n, policy.config().chunk, plan.buckets) + 1);
-    const std::size_t rounds =
-        chunks + (policy.config().dedup ? W::bytes_for<std::int32_t>(r * n) : 0);
     const std::size_t loops = W::bytes_for<S>(c * dv) + W::bytes_for<S>(c * w) +
                               W::bytes_for<S>(w * dv) + W::bytes_for<S>(c * dk) +
                               W::bytes_for<S>(w * dk) + W::bytes_for<S>(c);
     pool_.reserve_each(
         std::max({effattn::detail::lsh::hashing_bytes<S>(local_length(), dk, r, plan),
-                  W::bytes_for<Index>(plan.buckets + 2), W::bytes_for<S>(local_length()),
-                  rounds + Policy::Chunk::bytes(c, w, dk, dv) + loops}));
+                  W::bytes_for<S>(local_length()), Policy::Chunk::bytes(c, w, dk, dv) + loops}));
   }
 
   detail::ShardedCall call_;
-  std::vector<std::int32_t> owner_, local_row_;  // per position: its rank, its row there
+  std::vector<std::int32_t> position_;  // this rank's local rows: their positions
   std::vector<Problem> problems_;
+  detail::RowExchange exchange_;
   std::vector<S> rows_;         // the fetched q | k | v rows
   std::vector<S> send_, recv_;  // messages
   WorkspacePool pool_;

@@ -58,6 +58,15 @@ void prefetch_rows(const M& m, const std::int32_t* order, Index first, Index sto
 #endif
 }
 
+/// Whether a query of chunk ci sees chunk ci + diff, in a round of `chunks` chunks (both in one
+/// bucket when causal; then the window does not wrap around).
+inline bool window_sees(const LSHConfig& cfg, bool causal, Index diff, Index chunks) {
+  if (causal) return diff >= -cfg.look_back && diff <= cfg.look_forward;
+  if (cfg.look_back + 1 + cfg.look_forward >= chunks) return true;
+  const Index wrapped = (diff % chunks + chunks) % chunks;
+  return wrapped <= cfg.look_forward || wrapped >= chunks - cfg.look_back;
+}
+
 class Chunking {
  public:
   /// Rounds of `order` and `bucket` (rounds × n each) with `max_chunks` bounding the chunks
@@ -136,15 +145,7 @@ class Chunking {
       const std::int32_t* ch = chunk_of_ + round * n_;
       const bool same = b[i] == b[j];
       if ((cfg.same_bucket || local_) && !same) continue;
-      const Index diff = ch[j] - ch[i];
-      if (local_)
-        count += diff >= -cfg.look_back && diff <= cfg.look_forward;
-      else if (cfg.look_back + 1 + cfg.look_forward >= global_chunks_)
-        ++count;
-      else {
-        const Index wrapped = (diff % global_chunks_ + global_chunks_) % global_chunks_;
-        count += wrapped <= cfg.look_forward || wrapped >= global_chunks_ - cfg.look_back;
-      }
+      count += window_sees(cfg, local_, ch[j] - ch[i], global_chunks_);
     }
     return count;
   }
@@ -210,8 +211,10 @@ struct GatheredChunk {
   bool gathers_rows() const { return row_of_ != nullptr; }
 
   // Gathers the queries of chunk ci and the keys of its window, and writes their masked
-  // logits to p (rows × keys). Returns the row count.
-  Index logits(const Chunking& rounds, Index ci) {
+  // logits to p (rows × keys). Returns the row count. Rounds: Chunking, or what has its
+  // interface (mpi::ShardedLSH's chunks of one rank).
+  template <class Rounds>
+  Index logits(const Rounds& rounds, Index ci) {
     const LSHConfig& cfg = config_;
     const Index q0 = rounds.first(ci), m = rounds.stop(ci) - q0;
     const S s = scale_;
