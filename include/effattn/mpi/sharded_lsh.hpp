@@ -295,8 +295,6 @@ class ShardedLSH {
   Index d_value() const { return layout().d_value; }
   int ranks() const { return call_.comm().size(); }
   int me() const { return call_.comm().rank(); }
-  // The rank whose chunk starts at sorted index s of a round of `valid` tokens.
-  int chunk_rank(Index s, Index valid) const { return int(s * ranks() / valid); }
 
   template <class M>
   static void copy_row(const M& m, Index row, Index col, Index count, S* to) {
@@ -375,33 +373,11 @@ class ShardedLSH {
   // Step 3: the ranks each valid row goes to (those whose chunks' windows hold it in some
   // round), each once.
   void plan_sends(const Policy& policy) {
-    const Index n_r = local_length(), r = policy.config().rounds;
     parallel_for(Index(problems_.size()), threads_, [&](Index problem, int) {
       const Problem& p = problems_[std::size_t(problem)];
-      std::vector<std::vector<std::int32_t>> to(static_cast<std::size_t>(ranks()));
-      std::vector<int> dests;
-      for (Index row = 0; row < n_r; ++row) {
-        if (p.sorted[std::size_t(row)] < 0) continue;  // padding
-        dests.clear();
-        for (Index round = 0; round < r; ++round) {
-          const detail::RoundPlan& plan = p.plans[std::size_t(round)];
-          const Index s = p.sorted[std::size_t(round * n_r + row)];
-          const Index b = p.bucket[std::size_t(round * n_r + row)];
-          plan.for_each_seeing(policy.config(), plan.chunk_of(s, b), b, [&](Index cj) {
-            dests.push_back(chunk_rank(plan.first(cj, b), p.valid));
-          });
-        }
-        std::sort(dests.begin(), dests.end());
-        dests.erase(std::unique(dests.begin(), dests.end()), dests.end());
-        for (const int d : dests)
-          to[std::size_t(d)].push_back(static_cast<std::int32_t>(row));
-      }
       detail::RowExchange::Lists& lists = exchange_[std::size_t(problem)];
-      lists.sent.clear();
-      for (std::size_t d = 0; d < to.size(); ++d) {
-        lists.sent.insert(lists.sent.end(), to[d].begin(), to[d].end());
-        lists.sent_count[d] = to[d].size();
-      }
+      detail::destinations(policy.config(), p.plans, p.sorted, p.bucket, local_length(), p.valid,
+                           ranks(), lists.sent, lists.sent_count);
     });
     bytes_sent_ += exchange_.agree();
   }
@@ -430,22 +406,13 @@ class ShardedLSH {
           tokens.emplace_back(in[std::size_t((first + Index(i)) * width)],
                               static_cast<std::int32_t>(first + Index(i)));
       }
-      std::sort(tokens.begin(), tokens.end());
-      const Index L = Index(tokens.size());
-      std::vector<std::int32_t> sorted(std::size_t(r * L)), bucket(std::size_t(r * L));
-      p.row_of.resize(std::size_t(L));
-      for (Index id = 0; id < L; ++id) {
-        const std::int32_t row = tokens[std::size_t(id)].second;
-        p.row_of[std::size_t(id)] = row;
-        for (Index round = 0; round < r; ++round) {
-          sorted[std::size_t(round * L + id)] = in[std::size_t(row * width + 1 + 2 * round)];
-          bucket[std::size_t(round * L + id)] = in[std::size_t(row * width + 2 + 2 * round)];
-        }
-      }
+      std::vector<std::int32_t> sorted, bucket;
+      detail::number_tokens(tokens, in.data(), r, p.row_of, sorted, bucket);
       const Index valid = p.valid;
-      p.chunks = detail::RankChunks(policy.config(), causal, std::move(p.plans), L, sorted,
-                                    std::move(bucket), me(),
-                                    [&](Index, Index first) { return chunk_rank(first, valid); });
+      p.chunks = detail::RankChunks(
+          policy.config(), causal, std::move(p.plans), Index(tokens.size()), sorted,
+          std::move(bucket), me(),
+          [&](Index, Index first) { return detail::chunk_rank(first, valid, ranks()); });
     });
   }
 

@@ -3,6 +3,7 @@
 // sequence, and the chunks one rank computes, over the tokens it was sent (mpi::ShardedLSH).
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -206,5 +207,67 @@ class RankChunks {
   std::vector<Piece> chunks_;
   Index round_ = 0, first_ = 0, count_ = 0, length_ = 0;
 };
+
+/// The rank that computes the chunk starting at sorted index s of a round of `valid` tokens
+/// (each rank an equal share of the sorted order).
+inline int chunk_rank(Index s, Index valid, int ranks) {
+  return int(s * ranks / valid);
+}
+
+/// The ranks each of this rank's `rows` rows must go to, each once: those computing a chunk
+/// whose window holds the row in some round. `sorted` (−1: padding) and `bucket` are rounds ×
+/// rows; `sent` receives the rows for each rank in rank order (ascending), `count` how many.
+inline void destinations(const LSHConfig& cfg, const std::vector<RoundPlan>& plans,
+                         const std::vector<std::int32_t>& sorted,
+                         const std::vector<std::int32_t>& bucket, Index rows, Index valid,
+                         int ranks, std::vector<std::int32_t>& sent,
+                         std::vector<std::size_t>& count) {
+  std::vector<std::vector<std::int32_t>> to(static_cast<std::size_t>(ranks));
+  std::vector<int> dests;
+  for (Index row = 0; row < rows; ++row) {
+    if (sorted[std::size_t(row)] < 0) continue;  // padding
+    dests.clear();
+    for (std::size_t round = 0; round < plans.size(); ++round) {
+      const RoundPlan& plan = plans[round];
+      const Index s = sorted[round * std::size_t(rows) + std::size_t(row)];
+      const Index b = bucket[round * std::size_t(rows) + std::size_t(row)];
+      plan.for_each_seeing(cfg, plan.chunk_of(s, b), b, [&](Index cj) {
+        dests.push_back(chunk_rank(plan.first(cj, b), valid, ranks));
+      });
+    }
+    std::sort(dests.begin(), dests.end());
+    dests.erase(std::unique(dests.begin(), dests.end()), dests.end());
+    for (const int d : dests)
+      to[std::size_t(d)].push_back(static_cast<std::int32_t>(row));
+  }
+  sent.clear();
+  count.assign(to.size(), 0);
+  for (std::size_t d = 0; d < to.size(); ++d) {
+    sent.insert(sent.end(), to[d].begin(), to[d].end());
+    count[d] = to[d].size();
+  }
+}
+
+/// Local ids of one problem's fetched tokens: `tokens` holds (position, fetched row) and is
+/// sorted by position, id i being its i-th; `meta` holds each fetched row's position, then
+/// its sorted index and bucket per round. Fills row_of (id → fetched row), and sorted and
+/// bucket (rounds × ids).
+inline void number_tokens(std::vector<std::pair<std::int32_t, std::int32_t>>& tokens,
+                          const std::int32_t* meta, Index rounds, std::vector<std::int32_t>& row_of,
+                          std::vector<std::int32_t>& sorted, std::vector<std::int32_t>& bucket) {
+  std::sort(tokens.begin(), tokens.end());
+  const Index L = Index(tokens.size()), width = 1 + 2 * rounds;
+  sorted.resize(std::size_t(rounds * L));
+  bucket.resize(std::size_t(rounds * L));
+  row_of.resize(std::size_t(L));
+  for (Index id = 0; id < L; ++id) {
+    const Index row = tokens[std::size_t(id)].second;
+    row_of[std::size_t(id)] = static_cast<std::int32_t>(row);
+    for (Index round = 0; round < rounds; ++round) {
+      sorted[std::size_t(round * L + id)] = meta[row * width + 1 + 2 * round];
+      bucket[std::size_t(round * L + id)] = meta[row * width + 2 + 2 * round];
+    }
+  }
+}
 
 }  // namespace effattn::mpi::detail
