@@ -31,7 +31,7 @@ def lsh(P, causal):
     counts = r*(2*n/c)*h*4                        # bucket counts, all-reduced
     sort = (n/P)*r*h*12                           # (bucket, position) out, sorted index back
     remote = min(P - 1, r*(P - 1)/P)              # ranks each token's row goes to, besides its own
-    rows = (n/P)*h*remote*(4*(3*d) + 4*(d + 2))   # q | k | v out, partial results back
+    rows = (n/P)*h*remote*(4*(2*d) + 4*(d + 2))   # k (= q) | v out, partial results back
     comm = 2*counts/B + 2*log2(P)*alpha + (sort + rows)/B + 6*P*alpha
     t1 = n*tok[("lsh", causal)]
     return t1/P + comm, t1

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "effattn/effattn.hpp"
@@ -100,4 +101,23 @@ TEST_CASE("Sharded LSH rejects a bad call on every rank, before any data moves",
   CHECK(sharded.kept_for({1, 4}));
   CHECK(sharded.saved_bytes() > 0);
   CHECK(out.allFinite());
+}
+
+TEST_CASE("Sharded LSH sends the keys once when they are the queries (shared QK)", "[mpi]") {
+  const mpi::Communicator comm;
+  const auto shards = mpi::SequenceShards::contiguous(comm, 24 + comm.rank());
+  const Index n_r = shards.local_length(comm.rank());
+  const HeadLayout layout{.heads = 2, .d_key = 6, .d_value = 4, .seed = 3};
+  LSHAttention<double> policy({.chunk = 4, .rounds = 2}, layout);
+  const Matrix<double> x = random<double>(n_r, 12, 1 + std::uint64_t(comm.rank()));
+  const Matrix<double> x_copy = x, v = random<double>(n_r, 8, 9 + std::uint64_t(comm.rank()));
+  Matrix<double> shared_out(n_r, 8), copy_out(n_r, 8);
+  mpi::ShardedLSH<double, Causal> shared(layout, comm, shards), copied(layout, comm, shards);
+  shared.forward(policy, x, x, v, shared_out, {1, n_r}, false);
+  copied.forward(policy, x, x_copy, v, copy_out, {1, n_r}, false);
+  CHECK(shared_out == copy_out);
+  if (comm.size() > 1)
+    CHECK(shared.bytes_sent() < copied.bytes_sent());
+  else
+    CHECK(shared.bytes_sent() == copied.bytes_sent());
 }

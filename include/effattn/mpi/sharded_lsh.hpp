@@ -42,7 +42,8 @@ namespace effattn::mpi {
 ///     ⌊s·P / valid⌋, so every rank computes about 1/P of each round's queries. Each rank
 ///     sends its tokens to the ranks whose chunks' windows (look-back, look-forward) hold
 ///     them, each once over the rounds: their position, sorted index and bucket in every
-///     round, and their q, k, v rows (two all-to-alls);
+///     round, and their q, k, v rows (two all-to-alls; k once when k is q, as in
+///     MultiHeadAttention's shared QK);
 ///  4. each rank runs the policy's own chunk loop (LSHAttention::forward_chunks) on its chunks,
 ///     keeping every query's running max, sum and weighted values over its rounds;
 ///  5. one all-to-all returns these to the tokens' ranks, which combine them by log-sum-exp.
@@ -56,10 +57,10 @@ namespace effattn::mpi {
 ///
 /// Costs per rank and call: the attention's work divided by P (rows per round; uneven
 /// buckets make it uneven); rows sent ≈ min(P, rounds · (1 + look_back + look_forward)) ·
-/// n/P · (2·d_key + d_value) values, as many results back; the bucket counts (rounds ·
-/// buckets int32 per sequence and head, about n/32 with the automatic 2n/chunk buckets) and
-/// 12 bytes per token and round for the sort. Memory per rank is O(n/P) but for the bucket
-/// counts. Forward keeps the fetched rows and each rank's chunks for backward. Every rank
+/// n/P · (2·d_key + d_value) values (d_key + d_value with shared QK), d_value + 2 back; the bucket
+/// counts (rounds · buckets int32 per sequence and head, about n/32 with the automatic 2n/chunk
+/// buckets) and 12 bytes per token and round for the sort. Memory per rank is O(n/P) but for the
+/// bucket counts. Forward keeps the fetched rows and each rank's chunks for backward. Every rank
 /// must pass the same LSHAttention (the same rotations). The policy's work() counts this
 /// rank's share. A call some rank rejects throws on every rank before any data moves.
 template <class S, class Masking = Bidirectional>
@@ -130,12 +131,17 @@ class ShardedLSH {
     receive_tokens(policy);
 
     // The rows of the tokens: q | k | v.
-    const Index width = 2 * d_key() + d_value();
+    // Keys that are the queries (MultiHeadAttention's shared QK) travel once, if every rank's
+    // are.
+    std::int64_t separate = q.data() == k.data() && q.outerStride() == k.outerStride() ? 0 : 1;
+    call_.comm().all_reduce(&separate, 1, true);
+    shared_qk_ = separate == 0;
+    const Index width = fetched_width();
     exchange_.pack(send_, width, threads_, [&](Index problem, Index row, S* to) {
       const Index b = problem / h, head = problem % h, at = b * local_length() + row;
-      copy_row(q, at, head * d_key(), d_key(), to);
-      copy_row(k, at, head * d_key(), d_key(), to + d_key());
-      copy_row(v, at, head * d_value(), d_value(), to + 2 * d_key());
+      copy_row(k, at, head * d_key(), d_key(), to);
+      if (!shared_qk_) copy_row(q, at, head * d_key(), d_key(), to + d_key());
+      copy_row(v, at, head * d_value(), d_value(), to + width - d_value());
     });
     bytes_sent_ += exchange_.exchange(send_, width, false, rows_);
 
@@ -294,6 +300,8 @@ class ShardedLSH {
   Index d_key() const { return layout().d_key; }
   Index d_value() const { return layout().d_value; }
   int ranks() const { return call_.comm().size(); }
+  // A fetched row: k | q | v, or k | v when the keys are the queries.
+  Index fetched_width() const { return (shared_qk_ ? 1 : 2) * d_key() + d_value(); }
   int me() const { return call_.comm().rank(); }
 
   template <class M>
@@ -422,19 +430,19 @@ class ShardedLSH {
   template <class Loop>
   void on_fetched_chunks(const Policy& policy, Loop&& loop) {
     const Index fetched = exchange_.received_rows();
-    const ConstView<S> rows =
-        Eigen::Map<const Matrix<S>>(rows_.data(), fetched, 2 * d_key() + d_value());
+    const ConstView<S> rows = Eigen::Map<const Matrix<S>>(rows_.data(), fetched, fetched_width());
+    const ConstView<S> keys = rows.leftCols(d_key()), values = rows.rightCols(d_value());
+    const ConstView<S> queries = shared_qk_ ? keys : rows.middleCols(d_key(), d_key());
     std::vector<S> inv_norm(static_cast<std::size_t>(fetched));
     for (Index i = 0; i < fetched; ++i) {
-      const S norm = rows.row(i).segment(d_key(), d_key()).norm();
+      const S norm = keys.row(i).norm();
       inv_norm[std::size_t(i)] = norm > S(0) ? S(1) / norm : S(0);
     }
     parallel_for(Index(problems_.size()), threads_, [&](Index problem, int slot) {
       Problem& p = problems_[std::size_t(problem)];
       Workspace& ws = pool_[slot];
       Workspace::Frame frame(ws);
-      typename Policy::Chunk chunk(policy.config(), policy.scale(d_key()), rows.leftCols(d_key()),
-                                   rows.middleCols(d_key(), d_key()), rows.rightCols(d_value()),
+      typename Policy::Chunk chunk(policy.config(), policy.scale(d_key()), queries, keys, values,
                                    inv_norm.data(), ws);
       chunk.rows_from(p.row_of.data());
       detail::RankChunks& rounds = p.chunks;
@@ -467,7 +475,7 @@ class ShardedLSH {
   std::vector<S> send_, recv_;  // messages
   WorkspacePool pool_;
   int threads_ = 1;
-  bool kept_ = false;
+  bool kept_ = false, shared_qk_ = false;
   SequenceShape last_{};
   std::size_t bytes_sent_ = 0;
 };
