@@ -10,7 +10,7 @@ B, alpha = 12.5e9, 2e-6          # bytes/s (100 Gb/s), latency per message
 R_full = {False: 77.1e9, True: 58.2e9}   # flop/s, one rank, measured (forward)
 tok = {("favor", False): 251e-3/16384, ("favor", True): 440e-3/16384,
        ("lowrank", False): 223e-3/16384,
-       ("lsh", False): 129e-3/4096, ("lsh", True): 93.6e-3/4096}
+       ("lsh", False): 141e-3/4096, ("lsh", True): 93.2e-3/4096}
 log2 = lambda P: math.ceil(math.log2(P)) if P > 1 else 0
 def full(P, causal):
     t1 = 4*n*n*d*h*(0.5 if causal else 1.0) / R_full[causal]
