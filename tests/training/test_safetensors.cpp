@@ -243,3 +243,134 @@ TEST_CASE("safetensors: a file written by hand with NumPy loads into a Linear", 
   for (Index j = 0; j < 4; ++j)
     CHECK(p.at("b")(0, j) == 0.25 * double(j) + 2);
 }
+
+namespace {
+// A file of an 8-byte header length, `header` and `data`, as a hostile writer would make it.
+void write_raw(const fs::path& file, const std::string& header, const std::string& data = "") {
+  std::ofstream out(file, std::ios::binary | std::ios::trunc);
+  const std::uint64_t n = header.size();
+  out.write(reinterpret_cast<const char*>(&n), 8);
+  out << header << data;
+}
+
+// The Error a load gives (its argument and message), or "none".
+template <class Load>
+std::pair<std::string, std::string> error_of(Load&& load) {
+  try {
+    load();
+  } catch (const Error& e) {
+    return {e.argument(), e.what()};
+  }
+  return {"none", ""};
+}
+}  // namespace
+
+TEST_CASE("safetensors: hostile headers are Errors, not crashes, and change nothing",
+          "[training]") {
+  const fs::path file = temp_file("hostile");
+  Linear<float> model({.d_in = 3, .d_out = 4, .seed = 5});
+  Adam<float> adam({.lr = 1e-2});
+  const auto before = all_parameters(model);
+  auto load = [&] { return error_of([&] { safetensors::load(file, model); }); };
+  auto load_state = [&] { return error_of([&] { safetensors::load_optimizer(file, adam); }); };
+  const std::string w_entry = R"("w":{"dtype":"F32","shape":[3,4],"data_offsets":[0,48]})";
+
+  SECTION("JSON nested 75,000 deep, inside an otherwise valid entry") {
+    // Segfaulted in the serialiser's recursion (the entry was dumped on the success path).
+    const std::string deep = std::string(75000, '[') + std::string(75000, ']');
+    write_raw(file, R"({"w":{"dtype":"F32","shape":[3,4],"data_offsets":[0,48],"x":)" + deep + "}}",
+              std::string(48, '\0'));
+    for (const auto& [argument, message] : {load(), load_state()}) {
+      CHECK(argument == "header");
+      CHECK(message.find("deeper than 128") != std::string::npos);
+    }
+    // 128 levels are allowed (unknown fields are skipped), then the model is checked.
+    const std::string ok = std::string(125, '[') + std::string(125, ']');
+    write_raw(file,
+              "{" + w_entry + R"(,"b":{"dtype":"F32","shape":[4],"data_offsets":[48,64],"x":)" +
+                  ok + "}}",
+              std::string(64, '\0'));
+    Linear<float> other({.d_in = 3, .d_out = 4});
+    CHECK(error_of([&] { safetensors::load(file, other); }).first == "none");
+  }
+  SECTION("an error quotes at most a short part of a huge name or value") {
+    const std::string huge(1 << 20, 'x');
+    write_raw(file, R"({")" + huge + R"(":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})",
+              std::string(4, '\0'));
+    const auto [argument, message] = load();
+    CHECK(argument.starts_with("tensor 'xxx"));
+    CHECK(message.size() < 1000);
+    write_raw(file, R"({"w":{"dtype":")" + huge + R"(","shape":[1],"data_offsets":[0,4]}})",
+              std::string(4, '\0'));
+    const auto [argument1, message1] = load();
+    CHECK(argument1 == "tensor 'w'");
+    CHECK(message1.size() < 1000);
+    write_raw(file, R"({"w":{"dtype":"F32","shape":")" + huge + R"(","data_offsets":[0,4]}})");
+    const auto [argument2, message2] = load();
+    CHECK(argument2 == "tensor 'w'.shape");
+    CHECK(message2.size() < 1000);
+  }
+  SECTION("entries that are not what the format says") {
+    const std::pair<std::string, std::string> cases[] = {
+        {R"({"w":5})", "tensor 'w'"},
+        {R"({"w":{"shape":[3,4],"data_offsets":[0,48]}})", "tensor 'w'.dtype"},
+        {R"({"w":{"dtype":"F32","data_offsets":[0,48]}})", "tensor 'w'.shape"},
+        {R"({"w":{"dtype":"F32","shape":[3,-4],"data_offsets":[0,48]}})", "tensor 'w'.shape"},
+        {R"({"w":{"dtype":"F32","shape":[3,4.5],"data_offsets":[0,48]}})", "tensor 'w'.shape"},
+        {R"({"w":{"dtype":"F32","shape":[3,4],"data_offsets":[0]}})", "tensor 'w'.data_offsets"},
+        {R"({"w":{"dtype":"F32","shape":[3,4],"data_offsets":[0,48,1]}})",
+         "tensor 'w'.data_offsets"},
+        {R"({"w":{"dtype":"F32","shape":[3,4],"data_offsets":[48,0]}})", "tensor 'w'.data_offsets"},
+        {"{" + w_entry + "," + w_entry + "}", "tensor 'w'"},  // named twice
+        {R"([1,2])", "header"},
+        {R"("text")", "header"},
+        {R"({"w":)", "header"},
+        {"{" + w_entry + "} trailing", "header"},
+    };
+    for (const auto& [header, argument] : cases) {
+      CAPTURE(header);
+      write_raw(file, header, std::string(48, '\0'));
+      CHECK(load().first == argument);
+    }
+  }
+  SECTION("shapes whose sizes overflow") {
+    // [2^62, 1] in F32 wrapped the byte count to 0; [2^32, 2^32] overflowed rows × cols.
+    for (const std::string shape :
+         {"[4611686018427387904,1]", "[4294967296,4294967296]", "[4294967296,4294967296,16]"}) {
+      CAPTURE(shape);
+      write_raw(
+          file,
+          R"({"__metadata__":{"steps.w":"1"},"w.exp_avg":{"dtype":"F32","shape":)" + shape +
+              R"(,"data_offsets":[0,0]},"w.exp_avg_sq":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+          std::string(4, '\0'));
+      CHECK(load_state().first == "tensor 'w.exp_avg'.shape");
+      CHECK(load().first == "tensor 'w.exp_avg'.shape");
+    }
+  }
+  SECTION("step counts out of range") {
+    for (const std::string steps :
+         {"9223372036854775807", "99999999999999999999999", "-3", "", "1e3", "9007199254740993"}) {
+      CAPTURE(steps);
+      write_raw(
+          file,
+          R"({"__metadata__":{"steps.w":")" + steps +
+              R"("},"w.exp_avg":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w.exp_avg_sq":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+          std::string(8, '\0'));
+      CHECK(load_state().first == "metadata 'steps.w'");
+    }
+    CHECK(adam.state_bytes() == 0);
+  }
+  SECTION("a path that is not a regular file") {
+    CHECK(error_of([&] { safetensors::load(fs::temp_directory_path(), model); }).first == "path");
+    CHECK(error_of([&] { safetensors::load("/dev/null", model); }).first == "path");
+    const fs::path fifo = fs::temp_directory_path() / "effattn_test_fifo.safetensors";
+    fs::remove(fifo);
+    REQUIRE(std::system(("mkfifo " + fifo.string()).c_str()) == 0);
+    CHECK(error_of([&] { safetensors::load(fifo, model); }).first == "path");  // no hang
+    CHECK(error_of([&] { safetensors::load_optimizer(fifo, adam); }).first == "path");
+    fs::remove(fifo);
+  }
+  CHECK(all_parameters(model) == before);
+  CHECK(adam.state_bytes() == 0);
+  fs::remove(file);
+}

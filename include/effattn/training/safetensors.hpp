@@ -5,12 +5,14 @@
 
 #include <algorithm>
 #include <bit>
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -49,7 +51,7 @@ constexpr const char* dtype() {
 
 struct Tensor {
   std::string dtype;
-  std::vector<std::int64_t> shape;
+  std::vector<std::uint64_t> shape;
   std::uint64_t begin = 0, end = 0;
 };
 
@@ -73,6 +75,8 @@ namespace detail {
 
 using effattn::detail::concat;
 using effattn::detail::require;
+
+inline constexpr std::uint64_t kMaxHeaderBytes = std::uint64_t(100) << 20;
 
 // Writes `tensors` (name, matrix) and `metadata` to path through a temporary file.
 template <class S>
@@ -120,58 +124,306 @@ void write(const std::filesystem::path& path, const char* who,
           concat("a path the file can be moved to (", error.message(), ")"));
 }
 
-// A file read and its header checked: tensors by name (offsets inside the data), metadata.
+// A safetensors header read by a SAX handler: no JSON tree is built (memory stays within a
+// small multiple of the header's bytes, whatever it holds), nesting deeper than
+// kMaxHeaderDepth stops the parse, and each error names the tensor and the field.
+inline constexpr int kMaxHeaderDepth = 128;        // as the reference (Rust) implementation
+inline constexpr std::size_t kMaxShownBytes = 80;  // of a name or value quoted in an error
+inline constexpr std::size_t kMaxDimensions = 64;  // of a tensor's shape
+
+// `text` quoted for an error message, at most kMaxShownBytes of it.
+inline std::string shown(std::string_view text) {
+  if (text.size() <= kMaxShownBytes) return std::string(text);
+  return concat(text.substr(0, kMaxShownBytes), "… (", text.size(), " bytes)");
+}
+
+// Bytes per element of the safetensors dtypes; 0 for a dtype this file does not know.
+inline std::uint64_t dtype_bytes(std::string_view dtype) {
+  if (dtype == "F64" || dtype == "I64" || dtype == "U64") return 8;
+  if (dtype == "F32" || dtype == "I32" || dtype == "U32") return 4;
+  if (dtype == "F16" || dtype == "BF16" || dtype == "I16" || dtype == "U16") return 2;
+  if (dtype == "I8" || dtype == "U8" || dtype == "BOOL" || dtype == "F8_E4M3" || dtype == "F8_E5M2")
+    return 1;
+  return 0;
+}
+
+struct HeaderError {
+  std::string argument, given, expected;
+};
+
+// The header's tensors and string metadata; the first error stops the parse.
+class HeaderReader {
+ public:
+  using json = nlohmann::json;
+  std::map<std::string, Tensor, std::less<>> tensors;
+  std::map<std::string, std::string, std::less<>> metadata;
+  std::optional<HeaderError> error;
+
+  bool null() { return scalar("null"); }
+  bool boolean(bool) { return scalar("a boolean"); }
+  bool number_integer(json::number_integer_t v) {
+    if (v < 0) return scalar(concat("the number ", v));
+    return number_unsigned(json::number_unsigned_t(v));
+  }
+  bool number_unsigned(json::number_unsigned_t v) {
+    if (depth_ == 3 && field_ == Field::shape) {
+      if (shape_.size() < kMaxDimensions)
+        shape_.push_back(v);
+      else
+        fail_entry("shape", concat("more than ", kMaxDimensions, " sizes"),
+                   concat("at most ", kMaxDimensions, " dimensions"));
+      return !error;
+    }
+    if (depth_ == 3 && field_ == Field::offsets) {
+      if (offsets_.size() < 2)
+        offsets_.push_back(v);
+      else
+        fail_entry("data_offsets", "more than two numbers", "[begin, end]");
+      return !error;
+    }
+    return scalar(concat("the number ", v));
+  }
+  bool number_float(json::number_float_t, const json::string_t& text) {
+    return scalar(concat("the number ", shown(text)));
+  }
+  bool string(json::string_t& s) {
+    if (depth_ == 2 && in_metadata_ && metadata_object_) {
+      metadata[key_] = std::move(s);
+      return true;
+    }
+    if (depth_ == 2 && field_ == Field::dtype) {
+      dtype_ = std::move(s);
+      has_dtype_ = true;
+      return true;
+    }
+    return scalar(concat("the string \"", shown(s), "\""));
+  }
+  bool binary(json::binary_t&) { return scalar("binary"); }
+
+  bool start_object(std::size_t) {
+    if (!enter()) return false;
+    if (depth_ == 1) return true;        // the header
+    if (depth_ == 2 && !in_metadata_) {  // a tensor's entry
+      dtype_.clear();
+      shape_.clear();
+      offsets_.clear();
+      has_dtype_ = has_shape_ = false;
+      return true;
+    }
+    if (depth_ == 2) {  // __metadata__
+      metadata_object_ = true;
+      return true;
+    }
+    return skipped_value("an object");
+  }
+  bool end_object() {
+    if (depth_ == 2 && !in_metadata_) finish_entry();
+    if (depth_ == 2) in_metadata_ = metadata_object_ = false;
+    leave();
+    return !error;
+  }
+  bool start_array(std::size_t) {
+    if (!enter()) return false;
+    if (depth_ == 3 && field_ == Field::shape) {
+      has_shape_ = true;
+      shape_.clear();
+      return true;
+    }
+    if (depth_ == 3 && field_ == Field::offsets) {
+      offsets_.clear();
+      return true;
+    }
+    return skipped_value("an array");
+  }
+  bool end_array() {
+    leave();
+    return true;
+  }
+  bool key(json::string_t& k) {
+    if (depth_ == 1) {
+      in_metadata_ = k == "__metadata__";
+      if (!in_metadata_) {
+        if (tensors.contains(k)) {
+          error = HeaderError{concat("tensor '", shown(k), "'"), "named twice in the header",
+                              "one entry per tensor"};
+          return false;
+        }
+        name_ = std::move(k);
+      }
+      return true;
+    }
+    if (depth_ == 2 && in_metadata_) key_ = std::move(k);
+    if (depth_ == 2 && !in_metadata_)
+      field_ = k == "dtype"          ? Field::dtype
+               : k == "shape"        ? Field::shape
+               : k == "data_offsets" ? Field::offsets
+                                     : Field::other;
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string&, const nlohmann::json::exception&) {
+    if (!error)
+      error = HeaderError{"header", concat("not valid JSON (at byte ", position, ")"),
+                          "the JSON object of a safetensors file"};
+    return false;
+  }
+
+ private:
+  enum class Field { other, dtype, shape, offsets };
+
+  bool enter() {
+    if (++depth_ <= kMaxHeaderDepth) return true;
+    error = HeaderError{"header", concat("nested deeper than ", kMaxHeaderDepth, " levels"),
+                        concat("at most ", kMaxHeaderDepth, " levels of JSON")};
+    return false;
+  }
+  void leave() {
+    --depth_;
+    if (depth_ == 2) field_ = Field::other;
+  }
+  // A value outside the fields read: skipped inside an entry's unknown field or __metadata__,
+  // an error where the format puts a tensor entry, a dtype, a shape or offsets.
+  bool skipped_value(const char* what) {
+    if (depth_ == 1) {  // start_* already entered; the header itself is depth 1
+      error = HeaderError{"header", concat("not a JSON object (", what, ")"),
+                          "the JSON object of a safetensors file"};
+      return false;
+    }
+    return scalar(what, true);
+  }
+  bool scalar(const std::string& what, bool entered = false) {
+    const int depth = entered ? depth_ - 1 : depth_;
+    if (depth == 0) {
+      error = HeaderError{"header", concat("not a JSON object (", what, ")"),
+                          "the JSON object of a safetensors file"};
+      return false;
+    }
+    if (depth == 1 && !in_metadata_) {
+      error = HeaderError{concat("tensor '", shown(name_), "'"), concat("an entry of ", what),
+                          "an object with dtype, shape and data_offsets"};
+      return false;
+    }
+    if (in_metadata_ || depth > 3 || field_ == Field::other) return true;  // not read
+    if (field_ == Field::dtype) fail_entry("dtype", what, "a string such as \"F32\"");
+    if (field_ == Field::shape) fail_entry("shape", what, "an array of sizes ≥ 0");
+    if (field_ == Field::offsets) fail_entry("data_offsets", what, "[begin, end], numbers ≥ 0");
+    return !error;
+  }
+  void fail_entry(const char* field, const std::string& given, const std::string& expected) {
+    error = HeaderError{concat("tensor '", shown(name_), "'.", field), given, expected};
+  }
+  void finish_entry() {
+    if (!has_dtype_) return fail_entry("dtype", "missing", "a string such as \"F32\"");
+    if (!has_shape_) return fail_entry("shape", "missing", "an array of sizes ≥ 0");
+    if (offsets_.size() != 2)
+      return fail_entry("data_offsets", concat(offsets_.size(), " numbers"), "[begin, end]");
+    Tensor t;
+    t.dtype = std::move(dtype_);
+    t.shape = std::move(shape_);
+    t.begin = offsets_[0];
+    t.end = offsets_[1];
+    tensors.emplace(std::move(name_), std::move(t));
+  }
+
+  int depth_ = 0;
+  bool in_metadata_ = false;
+  Field field_ = Field::other;
+  std::string name_, key_, dtype_;
+  std::vector<std::uint64_t> shape_, offsets_;
+  bool has_dtype_ = false, has_shape_ = false, metadata_object_ = false;
+};
+
+// Bytes of `count` elements of `bytes_each`, or nothing when the product overflows.
+inline std::optional<std::uint64_t> product(const std::vector<std::uint64_t>& sizes,
+                                            std::uint64_t bytes_each) {
+  std::uint64_t p = bytes_each;
+  for (const std::uint64_t d : sizes)
+    if (__builtin_mul_overflow(p, d, &p)) return std::nullopt;
+  return p;
+}
+
+inline std::string shape_text(const std::vector<std::uint64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i)
+    s += concat(i ? ", " : "", shape[i]);
+  return shown(s + "]");
+}
+
+// A file read and its header checked: tensors by name (offsets inside the data, sizes that
+// match their shape and dtype), string metadata. Only a regular file is opened (a directory,
+// device or pipe is an Error, not a hang).
 struct File {
   std::ifstream in;
   std::uint64_t data_start = 0;
   std::map<std::string, Tensor, std::less<>> tensors;
   std::map<std::string, std::string, std::less<>> metadata;
 
-  File(const std::filesystem::path& path, const char* who) : in(path, std::ios::binary) {
+  File(const std::filesystem::path& path, const char* who) {
+    std::error_code error;
+    const auto status = std::filesystem::status(path, error);
+    require(!error && std::filesystem::exists(status), who, "path",
+            concat(path.string(), " (", error ? error.message() : "no such file", ")"),
+            "a file that can be read");
+    require(std::filesystem::is_regular_file(status), who, "path",
+            concat(path.string(), " (not a regular file)"),
+            "a safetensors file (not a directory, device or pipe)");
+    const std::uint64_t size = std::filesystem::file_size(path, error);
+    require(!error, who, "path", concat(path.string(), " (", error.message(), ")"),
+            "a file that can be read");
+    in.open(path, std::ios::binary);
     require(bool(in), who, "path", path.string(), "a file that can be read");
-    const std::uint64_t size = std::filesystem::file_size(path);
     std::uint64_t n = 0;
     require(size >= 8 && bool(in.read(reinterpret_cast<char*>(&n), sizeof n)), who, "path",
             concat(path.string(), " (", size, " bytes)"),
             "a safetensors file (8-byte header length)");
-    require(n <= size - 8 && n <= (std::uint64_t(100) << 20), who, "header",
+    require(n <= size - 8 && n <= kMaxHeaderBytes, who, "header",
             concat(n, " bytes long in a file of ", size),
-            "a header of at most 100 MB inside the file");
+            concat("a header of at most ", kMaxHeaderBytes, " bytes inside the file"));
     std::string text(n, '\0');
-    in.read(text.data(), std::streamsize(n));
-    const nlohmann::json header = nlohmann::json::parse(text, nullptr, false);
-    require(!header.is_discarded() && header.is_object(), who, "header", "not a JSON object",
-            "the JSON object of a safetensors file");
+    require(bool(in.read(text.data(), std::streamsize(n))), who, "header", "unreadable",
+            "a file that can be read");
+    HeaderReader reader;
+    const bool parsed = nlohmann::json::sax_parse(text, &reader);
+    if (reader.error)
+      throw Error(who, reader.error->argument, reader.error->given, reader.error->expected);
+    require(parsed, who, "header", "not valid JSON", "the JSON object of a safetensors file");
+    text = {};
     data_start = 8 + n;
     const std::uint64_t data_size = size - data_start;
-    for (const auto& [name, entry] : header.items()) {
-      if (name == "__metadata__") {
-        if (entry.is_object())
-          for (const auto& [key, value] : entry.items())
-            if (value.is_string()) metadata[key] = value.template get<std::string>();
-        continue;
-      }
-      tensors.emplace(name, tensor(who, name, entry, data_size));
+    for (const auto& [name, t] : reader.tensors) {
+      const std::string tensor = concat("tensor '", shown(name), "'");
+      require(t.begin <= t.end && t.end <= data_size, who, tensor + ".data_offsets",
+              concat("[", t.begin, ", ", t.end, ")"),
+              concat("bytes inside the file's ", data_size, " bytes of data (truncated file?)"));
+      const std::uint64_t each = dtype_bytes(t.dtype);
+      if (each == 0) continue;  // a dtype we never read: refused by name if asked for
+      const auto bytes = product(t.shape, each);
+      require(
+          bytes && *bytes == t.end - t.begin, who, tensor + ".shape",
+          concat(shape_text(t.shape), " of ", shown(t.dtype), " in ", t.end - t.begin, " bytes"),
+          bytes ? concat(*bytes, " bytes of data for that shape")
+                : std::string("a shape whose byte count fits in 64 bits"));
     }
+    tensors = std::move(reader.tensors);
+    metadata = std::move(reader.metadata);
   }
 
-  // The tensor `name` read into m (rows × cols, dtype of S), checked first.
+  // Throws unless tensor `name` is a rows × cols matrix (or a [cols] vector when rows is 1)
+  // of S's dtype.
   template <class S>
   void check(const char* who, const std::string& name, Index rows, Index cols) const {
+    const std::string tensor = concat("tensor '", shown(name), "'");
     const auto it = tensors.find(name);
-    require(it != tensors.end(), who, concat("tensor '", name, "'"), "missing from the file",
+    require(it != tensors.end(), who, tensor, "missing from the file",
             "a tensor for every parameter");
     const Tensor& t = it->second;
-    require(t.dtype == dtype<S>(), who, concat("tensor '", name, "'"), concat("of dtype ", t.dtype),
+    require(t.dtype == dtype<S>(), who, tensor, concat("of dtype ", shown(t.dtype)),
             concat("dtype ", dtype<S>()));
-    const bool same = t.shape.size() == 2 && t.shape[0] == rows && t.shape[1] == cols;
-    const bool vector_like = t.shape.size() == 1 && rows == 1 && t.shape[0] == cols;  // [d]
-    require(same || vector_like, who, concat("tensor '", name, "'"),
-            concat("of shape ", nlohmann::json(t.shape).dump()),
+    const auto r = std::uint64_t(rows), c = std::uint64_t(cols);
+    const bool same = t.shape.size() == 2 && t.shape[0] == r && t.shape[1] == c;
+    const bool vector_like = t.shape.size() == 1 && rows == 1 && t.shape[0] == c;  // [d]
+    require(same || vector_like, who, tensor, concat("of shape ", shape_text(t.shape)),
             concat("[", rows, ", ", cols, "]"));
-    require(t.end - t.begin == sizeof(S) * std::uint64_t(rows * cols), who,
-            concat("tensor '", name, "'"), concat(t.end - t.begin, " bytes"),
-            concat(sizeof(S) * std::uint64_t(rows * cols), " bytes for its shape"));
+    // The size of its bytes was checked against its shape when the header was read.
   }
   template <class S>
   Matrix<S> read(const char* who, const std::string& name, Index rows, Index cols) {
@@ -180,44 +432,20 @@ struct File {
     Matrix<S> m(rows, cols);
     in.seekg(std::streamoff(data_start + t.begin));
     in.read(reinterpret_cast<char*>(m.data()), std::streamsize(t.end - t.begin));
-    require(bool(in), who, concat("tensor '", name, "'"), "unreadable",
+    require(bool(in), who, concat("tensor '", shown(name), "'"), "unreadable",
             "a file that can be read to its end");
     return m;
   }
-  // The rows and columns a tensor's shape gives a matrix ([d] is one row).
+  // The rows and columns a tensor's shape gives a matrix ([d] is one row); its byte count,
+  // checked against the file when the header was read, bounds both.
   std::pair<Index, Index> matrix_shape(const char* who, const std::string& name) const {
     const Tensor& t = tensors.find(name)->second;
-    require(t.shape.size() == 1 || t.shape.size() == 2, who, concat("tensor '", name, "'"),
-            concat("of shape ", nlohmann::json(t.shape).dump()), "a vector or a matrix");
-    return t.shape.size() == 1 ? std::pair<Index, Index>{1, t.shape[0]}
-                               : std::pair<Index, Index>{t.shape[0], t.shape[1]};
-  }
-
- private:
-  static Tensor tensor(const char* who, const std::string& name, const nlohmann::json& entry,
-                       std::uint64_t data_size) {
-    const bool well_formed =
-        entry.is_object() && entry.contains("dtype") && entry["dtype"].is_string() &&
-        entry.contains("shape") && entry["shape"].is_array() && entry.contains("data_offsets") &&
-        entry["data_offsets"].is_array() && entry["data_offsets"].size() == 2 &&
-        entry["data_offsets"][0].is_number_unsigned() &&
-        entry["data_offsets"][1].is_number_unsigned();
-    require(well_formed, who, concat("tensor '", name, "'"), entry.dump(),
-            "an entry with dtype, shape and two data_offsets");
-    Tensor t;
-    t.dtype = entry["dtype"].template get<std::string>();
-    for (const auto& d : entry["shape"]) {
-      require(d.is_number_integer() && d.template get<std::int64_t>() >= 0, who,
-              concat("tensor '", name, "'"), concat("of shape ", entry["shape"].dump()),
-              "a shape of sizes ≥ 0");
-      t.shape.push_back(d.template get<std::int64_t>());
-    }
-    t.begin = entry["data_offsets"][0].template get<std::uint64_t>();
-    t.end = entry["data_offsets"][1].template get<std::uint64_t>();
-    require(t.begin <= t.end && t.end <= data_size, who, concat("tensor '", name, "'"),
-            concat("stored at bytes [", t.begin, ", ", t.end, ") of the data"),
-            concat("bytes inside the file's ", data_size, " bytes of data (truncated file?)"));
-    return t;
+    require(t.shape.size() == 1 || t.shape.size() == 2, who, concat("tensor '", shown(name), "'"),
+            concat("of shape ", shape_text(t.shape)), "a vector or a matrix");
+    require(dtype_bytes(t.dtype) > 0, who, concat("tensor '", shown(name), "'"),
+            concat("of dtype ", shown(t.dtype)), "a dtype of safetensors");
+    return t.shape.size() == 1 ? std::pair<Index, Index>{1, Index(t.shape[0])}
+                               : std::pair<Index, Index>{Index(t.shape[0]), Index(t.shape[1])};
   }
 };
 
@@ -247,11 +475,13 @@ void load(const std::filesystem::path& path, Models&... models) {
   const auto params = detail::parameters(models...);
   for (const auto& [name, value] : params)
     file.check<S>(who, name, value->rows(), value->cols());
-  for (const auto& [name, t] : file.tensors)
+  for (const auto& entry : file.tensors) {
+    const std::string& name = entry.first;
     detail::require(
         std::any_of(params.begin(), params.end(), [&](const auto& p) { return p.first == name; }),
-        who, detail::concat("tensor '", name, "'"), "in the file",
+        who, detail::concat("tensor '", detail::shown(name), "'"), "in the file",
         "only tensors the models have (a file of another model?)");
+  }
   std::vector<Matrix<S>> values;  // everything checked: read all, then assign all
   values.reserve(params.size());
   for (const auto& [name, value] : params)
@@ -295,9 +525,14 @@ void load_optimizer(const std::filesystem::path& path, Optimizer& optimizer) {
     const std::string name = key.substr(6);
     auto& entry = entries[name];
     char* end = nullptr;
-    entry.steps = std::strtoll(value.c_str(), &end, 10);
-    require(!value.empty() && end == value.c_str() + value.size(), who,
-            concat("metadata '", key, "'"), concat("\"", value, "\""), "a step count");
+    errno = 0;
+    const long long steps = std::strtoll(value.c_str(), &end, 10);
+    require(!value.empty() && end == value.c_str() + value.size() && errno == 0 && steps >= 0 &&
+                steps <= effattn::detail::kMaxOptimizerSteps,
+            who, concat("metadata '", detail::shown(key), "'"),
+            concat("\"", detail::shown(value), "\""),
+            concat("a step count from 0 to ", effattn::detail::kMaxOptimizerSteps));
+    entry.steps = steps;
     for (std::size_t i = 0; i < slots.size(); ++i) {
       const std::string tensor = name + "." + std::string(slots[i]);
       require(file.tensors.contains(tensor), who, concat("tensor '", tensor, "'"),
