@@ -3,6 +3,8 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -325,4 +327,74 @@ TEST_CASE("An optimiser's state can be read and replaced, checked first", "[trai
   CHECK(adam.steps("head") == 10);
   adam.set_state({});
   CHECK(adam.state_bytes() == 0);
+}
+
+TEST_CASE("Non-finite gradients are refused; huge finite ones give finite updates", "[training]") {
+  Linear<float> model({.d_in = 3, .d_out = 2, .seed = 1});
+  auto parameters = [](auto& m) {
+    std::vector<Matrix<float>> values;
+    m.visit_parameters([&](std::string_view, auto& w, auto&) { values.push_back(w); });
+    return values;
+  };
+  const auto before = parameters(model);
+  auto set_gradient = [&](float value) {
+    model.visit_parameters([&](std::string_view, auto&, auto& g) { g.setConstant(value); });
+  };
+  SECTION("a NaN or ∞ gradient: every optimiser refuses and nothing changes") {
+    Adam<float> adam({.lr = 1e-2});
+    Sgd<float> sgd({.lr = 1e-2, .momentum = 0.9});
+    for (const float bad :
+         {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      set_gradient(0.5f);
+      model.visit_parameters([&](std::string_view path, auto&, auto& g) {
+        if (path == "b") g(0, 1) = bad;
+      });
+      try {
+        adam.step(model);
+        FAIL("no error");
+      } catch (const Error& e) {
+        CHECK(e.argument() == "gradient of b");
+      }
+      CHECK_THROWS_AS(sgd.step(model), Error);
+      CHECK(parameters(model) == before);
+      CHECK(adam.state_bytes() == 0);
+      CHECK(sgd.state_bytes() == 0);
+      // clip_grad_norm reports it, or throws with error_if_nonfinite.
+      CHECK(!std::isfinite(clip_grad_norm(1.0, model)));
+      try {
+        clip_grad_norm({.max_norm = 1.0, .error_if_nonfinite = true}, model);
+        FAIL("no error");
+      } catch (const Error& e) {
+        CHECK(e.component() == "clip_grad_norm");
+        CHECK(e.argument() == "gradient of b");
+      }
+    }
+  }
+  SECTION("a finite gradient whose square overflows: Adam's update is finite") {
+    for (const bool decoupled : {false, true}) {
+      Linear<float> m({.d_in = 3, .d_out = 2, .seed = 1});
+      Adam<float> adam({.lr = 1e-2, .decoupled_weight_decay = decoupled});
+      for (int step = 0; step < 3; ++step) {
+        m.visit_parameters([&](std::string_view, auto&, auto& g) { g.setConstant(3e19f); });
+        adam.step(m);
+        m.visit_parameters([&](std::string_view, auto& w, auto&) { CHECK(w.allFinite()); });
+      }
+      for (const auto& [path, entry] : adam.state())
+        for (const auto& slot : entry.slots)
+          CHECK(slot.allFinite());
+    }
+  }
+  SECTION("step counts cannot overflow") {
+    Adam<float> adam({.lr = 1e-2});
+    Adam<float>::Entries entries;
+    entries["w"] = {{Matrix<float>::Zero(3, 2), Matrix<float>::Zero(3, 2)},
+                    std::numeric_limits<std::int64_t>::max()};
+    CHECK_THROWS_AS(adam.set_state(entries), Error);
+    entries["w"].steps = detail::kMaxOptimizerSteps;
+    adam.set_state(entries);
+    set_gradient(0.5f);
+    CHECK_THROWS_AS(adam.step(model), Error);  // one more step would pass the bound
+    CHECK(adam.steps("w") == detail::kMaxOptimizerSteps);
+    CHECK(std::isfinite(inverse_sqrt(std::numeric_limits<std::int64_t>::max(), 10)));
+  }
 }

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -23,7 +24,8 @@ namespace effattn {
 /// The moments m, v and the step count t are kept per parameter path
 /// (layers/parameter_paths.hpp), so a parameter first stepped later gets its own bias
 /// correction. A step that would fail (a gradient shaped unlike its parameter, a path seen
-/// twice, a parameter shaped unlike its state) throws effattn::Error and changes nothing.
+/// twice, a parameter shaped unlike its state, a NaN or ∞ gradient) throws effattn::Error and
+/// changes nothing. For a finite gradient the update is finite, however large.
 template <class S = float>
 class Adam : public detail::OptimizerState<S> {
  public:
@@ -65,13 +67,17 @@ class Adam : public detail::OptimizerState<S> {
       const std::int64_t t = ++e.steps;
       const S step_size = S(config_.lr / (1 - std::pow(b1, double(t))));
       const S root_correction = S(1 / std::sqrt(1 - std::pow(b2, double(t))));
+      // v is kept at most the largest finite value: a finite gradient ≥ √max (1.8e19 in
+      // float) squares to ∞, and some vectorised square roots turn ∞ into NaN. The update
+      // stays finite on every build (PyTorch keeps ∞ there, and its step is then 0).
+      constexpr S largest = std::numeric_limits<S>::max();
       if (config_.decoupled_weight_decay) {
         if (wd != S(0)) w *= S(1) - lr * wd;
         m = S(b1) * m + S(1 - b1) * g;
-        v = S(b2) * v + S(1 - b2) * g.square();
+        v = (S(b2) * v + S(1 - b2) * g.square()).min(largest);
       } else {
         m = S(b1) * m + S(1 - b1) * (g + wd * w);
-        v = S(b2) * v + S(1 - b2) * (g + wd * w).square();
+        v = (S(b2) * v + S(1 - b2) * (g + wd * w).square()).min(largest);
       }
       w -= step_size * m / (v.sqrt() * root_correction + eps);
     }

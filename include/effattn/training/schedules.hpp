@@ -58,7 +58,7 @@ inline double cosine_decay(std::int64_t step, std::int64_t warmup, std::int64_t 
 inline double inverse_sqrt(std::int64_t step, std::int64_t warmup) {
   detail::require_schedule("inverse_sqrt", step, warmup);
   if (const double w = detail::warmup_factor(step, warmup); w >= 0) return w;
-  return std::sqrt(double(std::max<std::int64_t>(warmup, 1)) / double(step + 1));
+  return std::sqrt(double(std::max<std::int64_t>(warmup, 1)) / (double(step) + 1));  // no overflow
 }
 
 }  // namespace effattn

@@ -27,6 +27,10 @@ struct StepParameter {
   Matrix<S>* gradient;
 };
 
+/// The most steps an optimiser's state may count: exact in double (the bias corrections take
+/// β^t), and far from std::int64_t's overflow.
+inline constexpr std::int64_t kMaxOptimizerSteps = std::int64_t(1) << 53;
+
 inline std::string shape_text(Index rows, Index cols) {
   return concat(rows, "×", cols);
 }
@@ -47,6 +51,11 @@ std::vector<StepParameter<S>> step_parameters(std::string_view who, Models&... m
     require(p.gradient->rows() == p.value->rows() && p.gradient->cols() == p.value->cols(), who,
             concat("gradient of ", p.path), shape_text(p.gradient->rows(), p.gradient->cols()),
             concat("the shape of the parameter, ", shape_text(p.value->rows(), p.value->cols())));
+  // A non-finite gradient would make every later step NaN: refused, nothing changed (find
+  // it first with grad_norm or clip_grad_norm, and skip the step, as loss scaling does).
+  for (const auto& p : all)
+    require(p.gradient->allFinite(), who, concat("gradient of ", p.path), "not finite (NaN or ∞)",
+            "finite gradients (skip this step: see clip_grad_norm's error_if_nonfinite)");
   std::vector<const std::string*> paths;
   paths.reserve(all.size());
   for (const auto& p : all)
@@ -77,7 +86,11 @@ class ParameterStates {
   std::vector<Entry*> entries(const std::vector<StepParameter<S>>& params) {
     for (const auto& p : params) {
       const auto it = entries_.find(p.path);
-      if (it == entries_.end() || it->second.slots.empty()) continue;
+      if (it == entries_.end()) continue;
+      require(it->second.steps < kMaxOptimizerSteps, who_, concat("parameter '", p.path, "'"),
+              concat(it->second.steps, " steps taken"),
+              concat("fewer than ", kMaxOptimizerSteps, " steps"));
+      if (it->second.slots.empty()) continue;
       const Matrix<S>& slot = it->second.slots.front();
       require(slot.rows() == p.value->rows() && slot.cols() == p.value->cols(), who_,
               concat("parameter '", p.path, "'"), shape_text(p.value->rows(), p.value->cols()),
@@ -140,14 +153,17 @@ class OptimizerState {
   /// checked against the parameters at the next step.
   void set_state(Entries entries) {
     for (const auto& [path, e] : entries) {
-      require(e.steps >= 0, who_, concat("state of '", path, "'"), concat(e.steps, " steps"),
-              "a step count ≥ 0");
+      require(e.steps >= 0 && e.steps <= kMaxOptimizerSteps, who_, concat("state of '", path, "'"),
+              concat(e.steps, " steps"), concat("a step count from 0 to ", kMaxOptimizerSteps));
       require(Index(e.slots.size()) == states_.slots(), who_, concat("state of '", path, "'"),
               concat(e.slots.size(), " tensors"), concat(states_.slots(), " (one per slot)"));
       for (const auto& m : e.slots)
         require(m.rows() == e.slots.front().rows() && m.cols() == e.slots.front().cols(), who_,
                 concat("state of '", path, "'"), "tensors of different shapes",
                 "one shape for all of a parameter's state");
+      for (const auto& m : e.slots)
+        require(m.allFinite(), who_, concat("state of '", path, "'"), "not finite (NaN or ∞)",
+                "finite optimiser state");
     }
     states_.replace(std::move(entries));
   }
