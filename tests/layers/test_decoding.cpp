@@ -157,3 +157,64 @@ TEST_CASE("A model's bad decode call is an Error and leaves every decoder as it 
   CHECK(steps.length == 2);
   CHECK(table.offset == 0);
 }
+
+TEST_CASE("A decoder made by another block is an Error, whatever its shapes", "[layers]") {
+  using Exact = MultiHeadAttention<FullAttention<double>, Causal>;
+  using Performer = MultiHeadAttention<Favor<double>, Causal>;
+  Exact block({.d_model = 8, .heads = 2, .seed = 1});
+  Matrix<double> x = random<double>(2, 8, 1), y(2, 8);
+  auto check_refused = [&](auto& b, auto& foreign) {
+    const auto length = foreign.length;
+    try {
+      b.decode(x, y, foreign);
+      FAIL("no error");
+    } catch (const Error& e) {
+      CHECK(e.argument() == "decoder");
+      CHECK(std::string(e.what()).find("another block") != std::string::npos);
+    }
+    CHECK(foreign.length == length);
+  };
+  // Same type: other head sizes (read out of bounds before), or the very same shapes.
+  Exact wider({.d_model = 8, .heads = 1, .seed = 1});
+  Exact twin({.d_model = 8, .heads = 2, .seed = 1});
+  for (Exact* other : {&wider, &twin}) {
+    auto foreign = other->start_decoding(2);
+    check_refused(block, foreign);
+  }
+  auto mine = block.start_decoding(2);
+  Performer favor({.d_model = 8, .heads = 2, .policy = {.features = 8}});
+  Performer more_features({.d_model = 8, .heads = 2, .policy = {.features = 16}});
+  auto foreign = more_features.start_decoding(2);
+  check_refused(favor, foreign);
+  decltype(mine) made_by_nobody;
+  CHECK_THROWS_AS(block.decode(x, y, made_by_nobody), Error);
+  block.decode(x, y, mine);  // its own decoder works
+  CHECK(mine.length == 1);
+}
+
+TEST_CASE("A stack checks every block before any decoder moves", "[layers]") {
+  using Attn = MultiHeadAttention<FullAttention<double>, Causal>;
+  using Model = Sequential<Attn, LearnedPositions<double>, Residual<PreNorm<FeedForward<double>>>>;
+  Model model({.d_model = 8, .heads = 2, .seed = 1}, {.d_model = 8, .max_positions = 3},
+              {.layer = {.layer = {.d_model = 8, .d_ff = 16}}});
+  randomise(model, 2);
+  auto decoder = model.start_decoding(1);
+  const Matrix<double> x = random<double>(4, 8, 3);
+  Matrix<double> y(2, 8), y_one(1, 8);
+  model.decode(x.topRows(2), y, decoder);
+  // The positions (second block) refuse tokens 2 and 3 of a table of 3: the attention (first
+  // block) must not have taken them into its cache.
+  CHECK_THROWS_AS(model.decode(x.middleRows(2, 2), y, decoder), Error);
+  CHECK(std::get<0>(decoder).length == 2);
+  CHECK(std::get<1>(decoder).length == 2);
+  // A later block in training mode refuses too, and nothing moves.
+  model.get<2>().set_training(true);
+  CHECK_THROWS_AS(model.decode(x.middleRows(2, 1), y_one, decoder), Error);
+  CHECK(std::get<0>(decoder).length == 2);
+  model.get<2>().set_training(false);
+  // The retry gives what the forward over the three tokens gives.
+  model.decode(x.middleRows(2, 1), y_one, decoder);
+  Matrix<double> full(3, 8);
+  model.forward(x.topRows(3), full, SequenceShape{1, 3, {}});
+  CHECK(reference::relative_error(y_one, full.bottomRows(1)) < 1e-12);
+}

@@ -5,7 +5,9 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
+#include <thread>
 #include <vector>
 
 #include "layer_testing.hpp"
@@ -86,4 +88,50 @@ TEST_CASE("Two models interleaved in one thread share the layer workspace and th
   a.set_training(false);
   b.set_training(false);
   CHECK(activation_meter().in_use() == base);
+}
+
+TEST_CASE("One block used from two threads at once is an Error, never a wrong answer", "[layers]") {
+  // Documented as unsupported; the guard turns it into an Error in the second caller.
+  detail::ExclusiveUse guard;
+  {
+    const auto scope = guard.enter("Test");
+    CHECK_THROWS_AS(guard.enter("Test"), Error);
+  }
+  { const auto again = guard.enter("Test"); }  // free once the first call ended
+
+  auto run = [](auto& block, Index n) {
+    using S = typename std::decay_t<decltype(block)>::Scalar;
+    const Index d = block.d_in();
+    const SequenceShape shape{1, n, {}};
+    const Matrix<S> x = random<S>(n, d, 7);
+    Matrix<S> expected(n, d);
+    block.forward(x, expected, shape);
+    std::atomic<int> refused{0}, wrong{0}, done{0};
+    auto worker = [&] {
+      Matrix<S> y(n, d);
+      for (int i = 0; i < 20; ++i) {
+        try {
+          block.forward(x, y, shape);
+          if (y != expected) ++wrong;
+          ++done;
+        } catch (const Error& e) {
+          CHECK(std::string(e.what()).find("two threads") != std::string::npos);
+          ++refused;
+        }
+      }
+    };
+    std::thread a(worker), b(worker);
+    a.join();
+    b.join();
+    CHECK(wrong == 0);
+    CHECK(done + refused == 40);
+    CHECK(done > 0);
+  };
+  MultiHeadAttention<FullAttention<float>> full({.d_model = 32, .heads = 2, .seed = 1});
+  run(full, 256);
+  MultiHeadAttention<Favor<float>, Causal> favor({.d_model = 32, .heads = 2, .seed = 1});
+  run(favor, 256);
+  MultiHeadAttention<LSHAttention<float>> lsh(
+      {.d_model = 32, .heads = 2, .seed = 1, .policy = {.chunk = 16, .buckets = 8}});
+  run(lsh, 256);
 }

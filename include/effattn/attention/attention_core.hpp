@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -13,6 +14,7 @@
 #include "effattn/attention/masking.hpp"
 #include "effattn/core/aliasing.hpp"
 #include "effattn/core/error.hpp"
+#include "effattn/core/instance.hpp"
 #include "effattn/core/parallel.hpp"
 #include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
@@ -74,6 +76,7 @@ class AttentionCore {
 
   void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out,
                const SequenceShape& q_shape, const SequenceShape& kv_shape, bool keep_saved) {
+    const auto scope = in_use_.enter("AttentionCore");
     check(q, k, v, q_shape, kv_shape);
     check_size(out, q.rows(), layout_.heads * layout_.d_value, "out");
     for (auto [name, m] : {std::pair{"q", q}, {"k", k}, {"v", v}})
@@ -119,6 +122,7 @@ class AttentionCore {
   void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
                 ConstView<S> d_out, View<S> dq, View<S> dk, View<S> dv,
                 const SequenceShape& q_shape, const SequenceShape& kv_shape) {
+    const auto scope = in_use_.enter("AttentionCore");
     check(q, k, v, q_shape, kv_shape);
     check_backward(q_shape, kv_shape);
     const Index n_q = q_shape.seq, n_k = kv_shape.seq, h = layout_.heads;
@@ -165,10 +169,12 @@ class AttentionCore {
 
   /// Incremental causal decoding: every (sequence, head)'s decode state (FullAttention: its
   /// keys and values so far; Favor: its recurrent state) and the tokens decoded per sequence.
+  /// It records the block that made it: decode refuses any other block's decoder.
   struct Decoder {
     std::vector<typename detail::DecodeStateOf<Policy>::type> states;  ///< batch × heads
     Index batch = 0;
-    Index length = 0;  ///< tokens decoded per sequence so far
+    Index length = 0;         ///< tokens decoded per sequence so far
+    std::uint64_t owner = 0;  ///< the identity of the block that made it
     std::size_t bytes() const {
       std::size_t b = 0;
       for (const auto& s : states)
@@ -188,6 +194,7 @@ class AttentionCore {
     detail::require(batch > 0, "AttentionCore", "batch", batch, "at least 1 sequence");
     Decoder d;
     d.batch = batch;
+    d.owner = id_.value();
     for (Index b = 0; b < batch; ++b)
       for (Index h = 0; h < layout_.heads; ++h)
         d.states.push_back(policy_.decode_state(h, layout_.d_key, layout_.d_value));
@@ -200,12 +207,8 @@ class AttentionCore {
   void decode(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Decoder& d) {
     static_assert(can_decode && causal, "effattn: see start_decoding");
     constexpr const char* who = "AttentionCore";
-    detail::require(d.batch > 0 && static_cast<Index>(d.states.size()) == d.batch * layout_.heads,
-                    who, "decoder", "not made by this block's start_decoding",
-                    "a decoder from start_decoding");
-    detail::require(q.rows() > 0 && q.rows() % d.batch == 0, who, "q",
-                    detail::concat("a matrix of ", q.rows(), " rows"),
-                    detail::concat("m ≥ 1 new tokens for each of the ", d.batch, " sequences"));
+    const auto scope = in_use_.enter(who);
+    check_decode(q.rows(), d);
     const Index m = q.rows() / d.batch, h = layout_.heads;
     const Index dk = layout_.d_key, dv = layout_.d_value;
     check_size(q, q.rows(), h * dk, "q");
@@ -224,6 +227,22 @@ class AttentionCore {
                      d.states[static_cast<std::size_t>(problem)], pool_[slot]);
     });
     d.length += m;
+  }
+
+  /// Throws unless decode may run `rows` new tokens (m per sequence) with decoder d: one this
+  /// block's start_decoding made. Changes nothing.
+  void check_decode(Index rows, const Decoder& d) const {
+    constexpr const char* who = "AttentionCore";
+    detail::require(
+        d.owner == id_.value() && static_cast<Index>(d.states.size()) == d.batch * layout_.heads,
+        who, "decoder",
+        d.owner == 0 ? std::string("not made by start_decoding")
+                     : std::string("made by another block's start_decoding"),
+        "a decoder from this block's start_decoding (decoders hold state shaped by "
+        "the block that made them)");
+    detail::require(rows > 0 && rows % d.batch == 0, who, "q",
+                    detail::concat("a matrix of ", rows, " rows"),
+                    detail::concat("m ≥ 1 new tokens for each of the ", d.batch, " sequences"));
   }
 
   /// Throws unless a backward with these shapes may run: a forward kept its state, on the
@@ -311,6 +330,8 @@ class AttentionCore {
   std::vector<typename Policy::Saved> saved_;
   WorkspacePool pool_{1};
   Last last_{};
+  detail::InstanceId id_;
+  detail::ExclusiveUse in_use_;
 };
 
 }  // namespace effattn

@@ -62,6 +62,9 @@ class AxialPositions : public detail::PositionalEncoding<S> {
   void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
     detail::decode_positions(*this, "AxialPositions", x, y, decoder);
   }
+  void check_decode(Index rows, const Decoder& decoder) const {
+    detail::check_decode_positions("AxialPositions", rows, offset, max_positions(), decoder);
+  }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
     detail::require_backward_call("AxialPositions", x, d_in(), dy, d_out(), dx, shape);
     detail::require_positions("AxialPositions", x, dx, d_in(), shape, offset, max_positions());

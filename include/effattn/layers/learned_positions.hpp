@@ -56,6 +56,10 @@ class LearnedPositions : public detail::PositionalEncoding<S> {
   void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
     detail::decode_positions(*this, "LearnedPositions", x, y, decoder);
   }
+  void check_decode(Index rows, const Decoder& decoder) const {
+    detail::check_decode_positions("LearnedPositions", rows, offset, config_.max_positions,
+                                   decoder);
+  }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
     detail::require_backward_call("LearnedPositions", x, d_in(), dy, d_out(), dx, shape);
     detail::require_positions("LearnedPositions", x, dx, d_in(), shape, offset,

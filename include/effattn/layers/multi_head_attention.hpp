@@ -13,6 +13,7 @@
 #include "effattn/core/aliasing.hpp"
 #include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
+#include "effattn/core/instance.hpp"
 #include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
@@ -128,10 +129,12 @@ class MultiHeadAttention {
   Decoder start_decoding(Index batch) const { return core_.start_decoding(batch); }
   void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
     constexpr const char* who = "MultiHeadAttention";
+    const auto scope = in_use_.enter(who);
     detail::require(x.cols() == d_model(), who, "x",
                     detail::concat("a matrix of ", x.cols(), " columns"),
                     detail::concat("d_model = ", d_model(), " columns"));
     check_size(y, x.rows(), d_model(), "y");
+    check_decode(x.rows(), decoder);
     detail::require_disjoint(who, "y", y, "x", x);
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
@@ -191,6 +194,10 @@ class MultiHeadAttention {
       g->setZero(w->rows(), w->cols());
     if constexpr (requires { policy().zero_grad(); }) policy().zero_grad();
   }
+
+  /// What decode would reject beyond widths: a decoder this block did not make, rows that are
+  /// not m ≥ 1 tokens per sequence. Changes nothing (stacks check every block first).
+  void check_decode(Index rows, const Decoder& decoder) const { core_.check_decode(rows, decoder); }
 
   /// What forward (backward) would reject for this self-attention shape beyond widths and
   /// rows: the policy's limits, and for backward a training forward on the same shape and
@@ -286,6 +293,7 @@ class MultiHeadAttention {
   void run_forward(ConstView<S> x, ConstView<S> context, View<S> y, const SequenceShape& q_shape,
                    const SequenceShape& kv_shape, bool self) {
     constexpr const char* who = "MultiHeadAttention";
+    const auto scope = in_use_.enter(who);
     check_inputs(x, context, q_shape, kv_shape, self);
     check_size(y, x.rows(), d_model(), "y");
     detail::require_disjoint(who, "y", y, "x", x);
@@ -314,6 +322,7 @@ class MultiHeadAttention {
                     View<S> d_context, const SequenceShape& q_shape, const SequenceShape& kv_shape,
                     bool self) {
     constexpr const char* who = "MultiHeadAttention";
+    const auto scope = in_use_.enter(who);
     check_saved(self);
     check_inputs(x, context, q_shape, kv_shape, self);
     core_.check_backward(q_shape, kv_shape);
@@ -369,6 +378,7 @@ class MultiHeadAttention {
   HeldActivations held_;
   bool training_ = false;
   bool last_self_ = true;
+  detail::ExclusiveUse in_use_;
 };
 
 }  // namespace effattn

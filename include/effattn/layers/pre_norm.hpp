@@ -84,10 +84,14 @@ class PreNorm : public detail::Wrapper<F> {
   /// Incremental decoding: F's decode of LayerNorm(x). Not in training mode.
   using Decoder = detail::DecoderOf<F>;
   Decoder start_decoding(Index batch) const { return detail::start_decoding(fn_, batch); }
-  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
+  void check_decode(Index rows, const Decoder& decoder) const {
     detail::require_not_training(*this, "PreNorm");
+    detail::check_decode(fn_, rows, decoder);
+  }
+  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
     const SequenceShape shape{1, x.rows(), {}};
     detail::require_call("PreNorm", x, d_in(), "y", y, d_out(), shape);
+    check_decode(x.rows(), decoder);
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
     auto z = ws.matrix<S>(x.rows(), d_in());

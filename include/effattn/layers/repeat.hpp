@@ -72,11 +72,19 @@ class Repeat : public detail::StackOps<Repeat<Block, Depth>, typename Block::Sca
   void visit(Index i, F&& f) const {
     f(blocks_[static_cast<std::size_t>(i)]);
   }
+  template <class Self, class D, class F>
+  static void visit_decoding_in(Self& self, Index i, D& d, F& f) {
+    detail::require(d.size() == self.blocks_.size(), name, "decoder",
+                    "not made by this stack's start_decoding", "a decoder from start_decoding");
+    f(self.blocks_[static_cast<std::size_t>(i)], d[static_cast<std::size_t>(i)]);
+  }
   template <class F>
   void visit_decoding(Index i, Decoder& d, F&& f) {
-    detail::require(d.size() == blocks_.size(), name, "decoder",
-                    "not made by this stack's start_decoding", "a decoder from start_decoding");
-    f(blocks_[static_cast<std::size_t>(i)], d[static_cast<std::size_t>(i)]);
+    visit_decoding_in(*this, i, d, f);
+  }
+  template <class F>
+  void visit_decoding(Index i, const Decoder& d, F&& f) const {
+    visit_decoding_in(*this, i, d, f);
   }
 
   std::deque<Block> blocks_;  // built in place: a block need not be movable

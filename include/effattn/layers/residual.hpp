@@ -55,8 +55,12 @@ class Residual : public detail::Wrapper<F> {
   /// Incremental decoding: y = x + F's decode of x.
   using Decoder = detail::DecoderOf<F>;
   Decoder start_decoding(Index batch) const { return detail::start_decoding(fn_, batch); }
+  void check_decode(Index rows, const Decoder& decoder) const {
+    detail::check_decode(fn_, rows, decoder);
+  }
   void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
     detail::require_call("Residual", x, d_in(), "y", y, d_out(), SequenceShape{1, x.rows(), {}});
+    check_decode(x.rows(), decoder);
     detail::decode(fn_, x, y, decoder);
     y += x;
   }

@@ -122,9 +122,14 @@ class Reversible {
   Decoder start_decoding(Index batch) const {
     return {detail::start_decoding(f_, batch), detail::start_decoding(g_, batch)};
   }
-  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
+  void check_decode(Index rows, const Decoder& decoder) const {
     detail::require_not_training(*this, "Reversible");
+    detail::check_decode(f_, rows, decoder.f);
+    detail::check_decode(g_, rows, decoder.g);
+  }
+  void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
     check(x, "x", "y", y, SequenceShape{1, x.rows(), {}});
+    check_decode(x.rows(), decoder);
     const Index d = half();
     detail::decode(f_, x.rightCols(d), y.leftCols(d), decoder.f);
     y.leftCols(d) += x.leftCols(d);

@@ -78,12 +78,20 @@ class Sequential
   void visit(Index i, F&& f) {
     visit_in(*this, i, f);
   }
-  template <class F>
-  void visit_decoding(Index i, Decoder& d, F&& f) {
+  template <class Self, class D, class F>
+  static void visit_decoding_in(Self& self, Index i, D& d, F& f) {
     [&]<std::size_t... I>(std::index_sequence<I...>) {
-      ((i == Index(I) ? (f(std::get<I>(blocks_), std::get<I>(d)), 0) : 0), ...);
+      ((i == Index(I) ? (f(std::get<I>(self.blocks_), std::get<I>(d)), 0) : 0), ...);
     }
     (std::index_sequence_for<Blocks...>{});
+  }
+  template <class F>
+  void visit_decoding(Index i, Decoder& d, F&& f) {
+    visit_decoding_in(*this, i, d, f);
+  }
+  template <class F>
+  void visit_decoding(Index i, const Decoder& d, F&& f) const {
+    visit_decoding_in(*this, i, d, f);
   }
   template <class F>
   void visit(Index i, F&& f) const {

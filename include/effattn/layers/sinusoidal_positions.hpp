@@ -58,6 +58,9 @@ class SinusoidalPositions : public detail::PositionalEncoding<S> {
   void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
     detail::decode_positions(*this, "SinusoidalPositions", x, y, decoder);
   }
+  void check_decode(Index rows, const Decoder& decoder) const {
+    detail::check_decode_positions("SinusoidalPositions", rows, offset, 0, decoder);
+  }
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
     detail::require_backward_call("SinusoidalPositions", x, d_in(), dy, d_out(), dx, shape);
     dx = dy;

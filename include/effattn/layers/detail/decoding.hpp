@@ -61,6 +61,17 @@ void require_not_training(const L& l, const char* who) {
             "for backward)");
 }
 
+/// Throws if layer l would reject decoding `rows` new tokens with `decoder` (a decoder another
+/// block made, a layer in training mode, positions past the end); changes nothing. Stacks and
+/// wrappers run every block's check before any decoder moves.
+template <class L, class D>
+void check_decode(const L& l, Index rows, const D& decoder) {
+  if constexpr (requires { l.check_decode(rows, decoder); })
+    l.check_decode(rows, decoder);
+  else
+    require_not_training(l, "decode");
+}
+
 /// The next tokens of every sequence through layer l: x [batch·m × d_in] (sequence b at rows
 /// b·m …) into y [batch·m × d_out].
 template <class L, class D>

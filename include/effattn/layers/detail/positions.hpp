@@ -11,6 +11,13 @@
 
 namespace effattn::detail {
 
+/// A positional encoding's decoder: the sequences and the tokens decoded per sequence so far.
+struct PositionsDecoder {
+  Index batch = 0;
+  Index length = 0;
+  std::size_t bytes() const { return 0; }
+};
+
 /// What every positional encoding is: a Layer that is not position-wise (row t's output
 /// depends on t), keeps nothing for backward, files its parameters under "positions", and
 /// numbers positions from `offset`.
@@ -27,16 +34,26 @@ struct PositionalEncoding {
 
   /// Incremental decoding: the tokens decoded per sequence so far, so that the next ones get
   /// positions offset + length, offset + length + 1, …
-  struct Decoder {
-    Index batch = 0;
-    Index length = 0;
-    std::size_t bytes() const { return 0; }
-  };
+  using Decoder = PositionsDecoder;
   Decoder start_decoding(Index batch) const {
     require(batch > 0, "start_decoding", "batch", batch, "at least 1 sequence");
     return {batch, 0};
   }
 };
+
+/// What a positional encoding's decode rejects: a decoder not from start_decoding, rows that
+/// are not m ≥ 1 tokens per sequence, positions at or past max_positions (0: no bound).
+inline void check_decode_positions(const char* who, Index rows, Index offset, Index max_positions,
+                                   const PositionsDecoder& decoder) {
+  require(decoder.batch > 0, who, "decoder", "not made by start_decoding",
+          "a decoder from start_decoding");
+  require(rows > 0 && rows % decoder.batch == 0, who, "x", concat("a matrix of ", rows, " rows"),
+          concat("m ≥ 1 new tokens for each of the ", decoder.batch, " sequences"));
+  const Index m = rows / decoder.batch, first = offset + decoder.length;
+  require(max_positions == 0 || first + m <= max_positions, who, "x",
+          concat(m, " tokens per sequence from position ", first),
+          concat("positions below ", max_positions, ", the encoding's max_positions"));
+}
 
 /// A positional encoding's decode: x holds the next m tokens of each of the decoder's
 /// sequences (sequence b at rows b·m …); their positions continue from the decoder's length.
@@ -44,11 +61,7 @@ struct PositionalEncoding {
 template <class P, class S = typename P::Scalar>
 void decode_positions(P& layer, const char* who, ConstView<S> x, View<S> y,
                       typename P::Decoder& decoder) {
-  require(decoder.batch > 0, who, "decoder", "not made by start_decoding",
-          "a decoder from start_decoding");
-  require(x.rows() > 0 && x.rows() % decoder.batch == 0, who, "x",
-          concat("a matrix of ", x.rows(), " rows"),
-          concat("m ≥ 1 new tokens for each of the ", decoder.batch, " sequences"));
+  layer.check_decode(x.rows(), decoder);
   const Index first = layer.offset;
   layer.offset = first + decoder.length;
   try {

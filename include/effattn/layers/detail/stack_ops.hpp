@@ -101,10 +101,20 @@ class StackOps {
 
   /// Incremental decoding (Derived::start_decoding makes the decoder): the next m tokens of
   /// every sequence, x [batch·m × d_in], through every block in turn. Not in training mode.
+  /// What decode would reject, for every block before any decoder moves: a retried call does
+  /// not feed a cache the same tokens twice.
+  template <class Decoder>
+  void check_decode(Index rows, const Decoder& decoder) const {
+    require_not_training(self(), Derived::name);
+    for (Index i = 0; i < self().count(); ++i)
+      self().visit_decoding(i, decoder, [&](const auto& blk, const auto& dec) {
+        detail::check_decode(blk, rows, dec);
+      });
+  }
   template <class Decoder>
   void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
-    require_not_training(self(), Derived::name);
     require_call(Derived::name, x, d_in(), "y", y, d_out(), SequenceShape{1, x.rows(), {}});
+    check_decode(x.rows(), decoder);
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
     auto a = ws.matrix<S>(x.rows(), widest()), b = ws.matrix<S>(x.rows(), widest());
