@@ -54,7 +54,7 @@ class LearnedPositions : public detail::PositionalEncoding<S> {
   /// The next tokens of each sequence, at the positions after those decoded so far.
   using typename detail::PositionalEncoding<S>::Decoder;
   void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
-    detail::decode_positions(*this, "LearnedPositions", x, y, decoder);
+    detail::decode_positions(*this, x, y, decoder);
   }
   void check_decode(Index rows, const Decoder& decoder) const {
     detail::check_decode_positions("LearnedPositions", rows, offset, config_.max_positions,

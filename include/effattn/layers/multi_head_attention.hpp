@@ -278,6 +278,21 @@ class MultiHeadAttention {
                     "the same kind of call as the forward");
   }
 
+  // Runs a call's checks. A sequence-parallel core (effattn/mpi/) runs them on every rank
+  // together and compares the ranks' configurations, so that a call one rank rejects throws on
+  // every rank before any data moves; any other core just runs them.
+  template <class Checks>
+  void agreed(Checks&& checks) const {
+    if constexpr (requires { core_.agree(std::int64_t{}, checks); }) {
+      std::int64_t layer = config_.d_model;
+      layer = layer * 1000003 + config_.d_context;
+      layer = layer * 1000003 + (config_.bias ? 1 : 0);
+      core_.agree(layer & 0x3fffffffffffffff, checks);
+    } else {
+      checks();
+    }
+  }
+
   static void project(ConstView<S> in, const Matrix<S>& w, const Matrix<S>& b, View<S> out) {
     out.noalias() = in * w;
     if (b.size() > 0) out.rowwise() += b.row(0);
@@ -294,13 +309,15 @@ class MultiHeadAttention {
                    const SequenceShape& kv_shape, bool self) {
     constexpr const char* who = "MultiHeadAttention";
     const auto scope = in_use_.enter(who);
-    check_inputs(x, context, q_shape, kv_shape, self);
-    check_size(y, x.rows(), d_model(), "y");
-    detail::require_disjoint(who, "y", y, "x", x);
-    if (!self) detail::require_disjoint(who, "y", y, "context", context);
     // Every check before the first write: a rejected call must leave the state of the last
     // training forward intact for its backward.
-    policy().validate(q_shape.seq, kv_shape.seq, d_key(), d_value(), causal);
+    agreed([&] {
+      check_inputs(x, context, q_shape, kv_shape, self);
+      check_size(y, x.rows(), d_model(), "y");
+      detail::require_disjoint(who, "y", y, "x", x);
+      if (!self) detail::require_disjoint(who, "y", y, "context", context);
+      policy().validate(q_shape.seq, kv_shape.seq, d_key(), d_value(), causal);
+    });
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
     const Index dq = heads() * d_key(), dv = heads() * d_value();
@@ -323,20 +340,22 @@ class MultiHeadAttention {
                     bool self) {
     constexpr const char* who = "MultiHeadAttention";
     const auto scope = in_use_.enter(who);
-    check_saved(self);
-    check_inputs(x, context, q_shape, kv_shape, self);
-    core_.check_backward(q_shape, kv_shape);
-    check_size(dy, x.rows(), d_model(), "dy");
-    check_size(dx, x.rows(), d_model(), "dx");
-    detail::require_disjoint(who, "dx", dx, "x", x);
-    detail::require_disjoint(who, "dx", dx, "dy", dy);
-    if (!self) {
-      check_size(d_context, context.rows(), config_.d_context, "d_context");
-      detail::require_disjoint(who, "dx", dx, "context", context);
-      for (auto [name, m] : {std::pair{"x", x}, {"context", context}, {"dy", dy}})
-        detail::require_disjoint(who, "d_context", d_context, name, m);
-      detail::require_disjoint(who, "d_context", d_context, "dx", dx);
-    }
+    agreed([&] {
+      check_saved(self);
+      check_inputs(x, context, q_shape, kv_shape, self);
+      core_.check_backward(q_shape, kv_shape);
+      check_size(dy, x.rows(), d_model(), "dy");
+      check_size(dx, x.rows(), d_model(), "dx");
+      detail::require_disjoint(who, "dx", dx, "x", x);
+      detail::require_disjoint(who, "dx", dx, "dy", dy);
+      if (!self) {
+        check_size(d_context, context.rows(), config_.d_context, "d_context");
+        detail::require_disjoint(who, "dx", dx, "context", context);
+        for (auto [name, m] : {std::pair{"x", x}, {"context", context}, {"dy", dy}})
+          detail::require_disjoint(who, "d_context", d_context, name, m);
+        detail::require_disjoint(who, "d_context", d_context, "dx", dx);
+      }
+    });
 
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);

@@ -56,7 +56,7 @@ class SinusoidalPositions : public detail::PositionalEncoding<S> {
   /// The next tokens of each sequence, at the positions after those decoded so far.
   using typename detail::PositionalEncoding<S>::Decoder;
   void decode(ConstView<S> x, View<S> y, Decoder& decoder) {
-    detail::decode_positions(*this, "SinusoidalPositions", x, y, decoder);
+    detail::decode_positions(*this, x, y, decoder);
   }
   void check_decode(Index rows, const Decoder& decoder) const {
     detail::check_decode_positions("SinusoidalPositions", rows, offset, 0, decoder);

@@ -59,6 +59,8 @@ class RingAttention {
 
   const SequenceShards& shards() const { return call_.shards(); }
   const HeadLayout& layout() const { return call_.layout(); }
+  /// The checks and agreement of its calls (ShardedCore runs a layer's checks through it).
+  const detail::ShardedCall& call() const { return call_; }
   /// Rows per sequence on this rank.
   Index local_length() const { return call_.local_length(); }
   /// Values this rank has sent since construction (forward and backward).

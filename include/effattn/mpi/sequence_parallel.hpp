@@ -3,6 +3,7 @@
 // MultiHeadAttention and every layer built on it.
 
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <utility>
 
@@ -17,6 +18,7 @@
 #include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/mpi/communicator.hpp"
+#include "effattn/mpi/detail/fingerprint.hpp"
 #include "effattn/mpi/ring_attention.hpp"
 #include "effattn/mpi/sequence_shards.hpp"
 #include "effattn/mpi/sharded_favor.hpp"
@@ -27,6 +29,39 @@ namespace effattn::mpi {
 
 template <class Policy, class Engine>
 class ShardedCore;
+
+namespace detail {
+// What of each policy must be the same on every rank: its settings and its random state.
+template <class S>
+void add_policy(Fingerprint& f, Fingerprint&, const FullAttention<S>& p) {
+  f.add(p.config().scale);
+}
+template <class S, class Map>
+void add_policy(Fingerprint& f, Fingerprint& random, const Favor<S, Map>& p) {
+  const auto& c = p.config();
+  f.add(c.features).add(c.directions).add(c.norms).add(c.per_head).add(c.chunk).add(c.epsilon);
+  for (Index h = 0; h < p.projections(); ++h)
+    random.add_matrix(p.projection(h));
+}
+template <class S>
+void add_policy(Fingerprint& f, Fingerprint&, const LowRank<S, DenseProjection>& p) {
+  const auto& c = p.config();
+  f.add(c.projection.k).add(c.projection.n_max).add(c.sharing).add(c.scale);
+}
+template <class S>
+void add_policy(Fingerprint& f, Fingerprint& random, const LSHAttention<S>& p, Index heads) {
+  const auto& c = p.config();
+  f.add(c.chunk).add(c.rounds).add(c.buckets).add(c.look_back).add(c.look_forward);
+  f.add(c.same_bucket).add(c.dedup).add(c.scale);
+  for (Index h = 0; h < heads; ++h)
+    for (Index r = 0; r < c.rounds; ++r)
+      random.add_matrix(p.rotation(h, r, 1));  // the seed, or a rotation fixed by hand
+}
+template <class P>
+void add_policy(Fingerprint& f, Fingerprint& random, const P& p, Index) {
+  add_policy(f, random, p);
+}
+}  // namespace detail
 
 /// MultiHeadAttention<mpi::SequenceParallel<Favor<float>>, Causal> is the multi-head block on
 /// a sharded sequence: each rank passes its own rows (x [batch·n_r × d_model], shape {batch,
@@ -54,8 +89,9 @@ struct SequenceParallel {
 
 /// What the sequence-parallel policies share: the inner policy, made from Config::policy, and
 /// the ranks and shards.
-template <class Inner>
-struct ShardedPolicy : Inner {
+template <class InnerPolicy>
+struct ShardedPolicy : InnerPolicy {
+  using Inner = InnerPolicy;
   struct Config {
     typename Inner::Config policy{};       ///< the attention's own
     MPI_Comm comm = MPI_COMM_WORLD;        ///< the ranks that share the sequences
@@ -122,6 +158,23 @@ class ShardedCore {
   Policy& policy() { return policy_; }
   const Policy& policy() const { return policy_; }
   const HeadLayout& layout() const { return engine_.layout(); }
+
+  /// Runs a layer's checks of a call (`checks`) on every rank together and compares the ranks'
+  /// configurations: the layer's own (`layer`: d_model and the like), the head layout and
+  /// shards, the masking, the policy's settings and its random features or rotations. A rank
+  /// whose checks fail, or any difference, is an effattn::Error on every rank before any data
+  /// moves (MultiHeadAttention calls this before its projections).
+  template <class Checks>
+  void agree(std::int64_t layer, Checks&& checks) const {
+    detail::Fingerprint settings, random;
+    settings.add(causal);
+    detail::add_policy(settings, random, static_cast<const typename Policy::Inner&>(policy_),
+                       engine_.layout().heads);
+    const detail::NamedFingerprint parts[] = {{"layer (d_model, bias)", layer},
+                                              {"policy settings and masking", settings.value()},
+                                              {"random features or rotations", random.value()}};
+    engine_.call().agree(checks, parts);
+  }
 
   void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out,
                const SequenceShape& q_shape, const SequenceShape& kv_shape, bool keep_saved) {

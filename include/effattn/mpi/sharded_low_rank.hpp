@@ -55,6 +55,8 @@ class ShardedLowRank {
 
   const SequenceShards& shards() const { return call_.shards(); }
   const HeadLayout& layout() const { return call_.layout(); }
+  /// The checks and agreement of its calls (ShardedCore runs a layer's checks through it).
+  const detail::ShardedCall& call() const { return call_; }
   Index local_length() const { return call_.local_length(); }
   /// Values this rank has handed to MPI since construction, in bytes (an all-reduce counts
   /// once at its size; the MPI library may move up to twice that).

@@ -84,6 +84,8 @@ class ShardedLSH {
 
   const SequenceShards& shards() const { return call_.shards(); }
   const HeadLayout& layout() const { return call_.layout(); }
+  /// The checks and agreement of its calls (ShardedCore runs a layer's checks through it).
+  const detail::ShardedCall& call() const { return call_; }
   Index local_length() const { return call_.local_length(); }
   /// Values this rank has handed to MPI since construction, in bytes (not counting what it
   /// sends itself; an all-reduce counts once at its size).

@@ -59,8 +59,7 @@ inline void check_decode_positions(const char* who, Index rows, Index offset, In
 /// sequences (sequence b at rows b·m …); their positions continue from the decoder's length.
 /// A rejected call changes neither the layer nor the decoder.
 template <class P, class S = typename P::Scalar>
-void decode_positions(P& layer, const char* who, ConstView<S> x, View<S> y,
-                      typename P::Decoder& decoder) {
+void decode_positions(P& layer, ConstView<S> x, View<S> y, typename P::Decoder& decoder) {
   layer.check_decode(x.rows(), decoder);
   const Index first = layer.offset;
   layer.offset = first + decoder.length;

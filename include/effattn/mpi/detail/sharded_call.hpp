@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/mpi/communicator.hpp"
+#include "effattn/mpi/detail/fingerprint.hpp"
 #include "effattn/mpi/sequence_shards.hpp"
 
 namespace effattn::mpi::detail {
@@ -25,6 +27,14 @@ class ShardedCall {
     effattn::detail::require(shards_.ranks() == comm_.size(), who_, "shards",
                              effattn::detail::concat("shards for ", shards_.ranks(), " ranks"),
                              effattn::detail::concat("one shard per rank (", comm_.size(), ")"));
+    Fingerprint f;
+    f.add(layout_.heads).add(layout_.d_key).add(layout_.d_value).add(layout_.seed);
+    for (int r = 0; r < shards_.ranks(); ++r) {
+      f.add(r);
+      for (const Segment& s : shards_.segments(r))
+        f.add(s.offset).add(s.length);
+    }
+    own_fingerprint_ = f.value();
   }
 
   const char* who() const { return who_; }
@@ -34,21 +44,35 @@ class ShardedCall {
   /// Rows per sequence on this rank.
   Index local_length() const { return shards_.local_length(comm_.rank()); }
 
-  /// Runs the checks; if any rank's fail, every rank throws (the others with "rejected on
-  /// another rank"), before any data moves.
+  /// Runs the checks and compares the ranks' configurations (the head layout and shard table,
+  /// and `more` named parts); if any rank's checks fail, every rank throws (the others with
+  /// "rejected on another rank"), and if any part differs between ranks, every rank throws
+  /// naming it: before any data moves, in one all-reduce.
   template <class Checks>
-  void agree(Checks&& checks) const {
-    std::int64_t failed = 0;
+  void agree(Checks&& checks, std::span<const NamedFingerprint> more = {}) const {
+    std::vector<std::int64_t> v(2 + 2 * (1 + more.size()));
+    v[2] = own_fingerprint_;
+    for (std::size_t i = 0; i < more.size(); ++i)
+      v[4 + 2 * i] = more[i].value;
+    for (std::size_t i = 2; i < v.size(); i += 2)
+      v[i + 1] = -v[i];
     try {
       checks();
     } catch (const Error&) {
-      failed = 1;
-      comm_.all_reduce(&failed, 1, true);
+      v[0] = 1;
+      comm_.all_reduce(v.data(), v.size(), true);
       throw;
     }
-    comm_.all_reduce(&failed, 1, true);
-    effattn::detail::require(failed == 0, who_, "call", "rejected on another rank",
+    comm_.all_reduce(v.data(), v.size(), true);
+    effattn::detail::require(v[0] == 0, who_, "call", "rejected on another rank",
                              "the same valid call on every rank");
+    for (std::size_t i = 2; i < v.size(); i += 2) {
+      const char* part = i == 2 ? "head layout and shards" : more[(i - 4) / 2].name;
+      effattn::detail::require(
+          v[i] == -v[i + 1], who_, part, "not the same on every rank",
+          "one configuration on every rank (the same block built with the same d_model, heads, "
+          "seed, policy settings, random features and SequenceShards)");
+    }
   }
 
   /// Valid positions of each whole sequence: the sum over ranks of their valid rows. Every
@@ -161,6 +185,7 @@ class ShardedCall {
   HeadLayout layout_;
   Communicator comm_;
   SequenceShards shards_;
+  std::int64_t own_fingerprint_ = 0;
 };
 
 }  // namespace effattn::mpi::detail
