@@ -118,8 +118,12 @@ inline MatD multi_head_attention(const MatD& x, const MatD& context, const MhaWe
     if (bias.size() > 0) out.rowwise() += bias.transpose();
     return out;
   };
-  const MatD q = project(x, w.w_q, w.b_q), k = project(context, w.w_k, w.b_k),
-             v = project(context, w.w_v, w.b_v);
+  MatD q = project(x, w.w_q, w.b_q), k = project(context, w.w_k, w.b_k),
+       v = project(context, w.w_v, w.b_v);
+  // Padded rows attend and are attended to as zeros (core/sequence_shape.hpp).
+  q_shape.zero_padding(q);
+  kv_shape.zero_padding(k);
+  kv_shape.zero_padding(v);
   const Index n_q = q_shape.seq, n_k = kv_shape.seq;
   MatD merged(x.rows(), heads * d_v);
   for (Index b = 0; b < q_shape.batch; ++b)

@@ -186,6 +186,9 @@ class FullAttention {
     const auto [br, bc] = tiles(d_k, v.cols());
     const S s = scale(d_k);
     const detail::EigenSingleThreadScope serial_products;
+    // A masked key gets probability 0, but 0 · ∞ or 0 · NaN in P·V would still reach the row:
+    // when some value is not finite, masked tiles multiply each row by its visible keys only.
+    const bool exact_mask = !v.topRows(ctx.key_length).allFinite();
     for (Index i0 = 0; i0 < n_q; i0 += br) {
       const Index rows = std::min(br, n_q - i0);
       Workspace::Frame frame(ws);
@@ -208,6 +211,13 @@ class FullAttention {
         if (j0 + cols > tile.unmasked_end) mask_tile(p, ctx, i0, j0);
         detail::online_softmax_step(p, m, sum, rescale);
         if (j0 > 0) o.array().colwise() *= Eigen::Map<const Eigen::Array<S, -1, 1>>(rescale, rows);
+        if (exact_mask && j0 + cols > tile.unmasked_end) {
+          for (Index r = 0; r < rows; ++r) {
+            const Index visible = std::clamp<Index>(ctx.key_end(i0 + r) - j0, 0, cols);
+            o.row(r).noalias() += p.row(r).head(visible) * v.middleRows(j0, visible);
+          }
+          continue;
+        }
         detail::sliced_product<true>(o, p, v.middleRows(j0, cols));
       }
       for (Index r = 0; r < rows; ++r) {

@@ -302,6 +302,9 @@ class LSHAttention {
     auto o = ws.matrix<S>(c, out.cols());
     S* rescale = ws.take<S>(c);  // each chunk row's factor for out
     const bool prefetch = !chunk.gathers_rows();
+    // A masked key gets probability 0, but 0 · ∞ or 0 · NaN in P·V would still reach the row:
+    // when some value is not finite, rows add only the keys they see (probability ≠ 0).
+    const bool exact_mask = !chunk.v_.allFinite();
     double pairs = 0;
     for (Index round = 0; round < config_.rounds; ++round) {
       rounds.select(round);
@@ -316,7 +319,14 @@ class LSHAttention {
           const Index r = chunk.row(rounds.order[q0 + a]);
           rescale[a] = detail::online_softmax_row(&p(a, 0), p.cols(), m[r], z[r]);
         }
-        chunk.mul.assign(o_c, p, chunk.vs.topRows(chunk.keys));
+        if (exact_mask) {
+          o_c.setZero();
+          for (Index a = 0; a < rows; ++a)
+            for (Index b = 0; b < chunk.keys; ++b)
+              if (p(a, b) != S(0)) o_c.row(a) += p(a, b) * chunk.vs.row(b);
+        } else {
+          chunk.mul.assign(o_c, p, chunk.vs.topRows(chunk.keys));
+        }
         for (Index a = 0; a < rows; ++a) {
           auto row = out.row(chunk.row(rounds.order[q0 + a]));
           if (rescale[a] == S(1))

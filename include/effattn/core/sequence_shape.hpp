@@ -11,9 +11,11 @@ namespace effattn {
 
 /// The shape of a batch of sequences laid out as `[batch·seq × features]`: sequence b
 /// occupies rows b·seq … b·seq + seq − 1. `lengths`, when not empty, holds one valid
-/// length per sequence; tokens at or beyond it are padding and are never attended to
-/// (key padding). Queries at padded positions still get an output (attending to the
-/// valid keys), so callers may ignore those rows.
+/// length per sequence; tokens at or beyond it are padding. Padding is never read into a
+/// valid row or a parameter gradient, whatever it holds (uninitialised memory, NaN): it is
+/// never attended to, attention treats its queries, keys and values as 0 (so padded rows of
+/// an output are finite but meaningless), sums over tokens (parameter gradients) skip it,
+/// and the dy of padded rows is ignored.
 struct SequenceShape {
   Index batch = 1;
   Index seq = 0;
@@ -29,6 +31,39 @@ struct SequenceShape {
   }
   Index valid_length(Index b) const {
     return lengths.empty() ? seq : lengths[static_cast<std::size_t>(b)];
+  }
+  bool has_padding() const {
+    for (const Index n : lengths)
+      if (n < seq) return true;
+    return false;
+  }
+
+  /// Calls f(first_row, rows) for each run of valid rows, in order; one call for all rows
+  /// when nothing is padding (sequences with no padding are merged into one run).
+  template <class F>
+  void for_each_valid_run(F&& f) const {
+    Index start = 0, run = 0;
+    for (Index b = 0; b < batch; ++b) {
+      const Index row = b * seq, valid = valid_length(b);
+      if (run > 0 && start + run != row) {
+        f(start, run);
+        run = 0;
+      }
+      if (run == 0) start = row;
+      run += valid;
+      if (valid < seq && run > 0) {
+        f(start, run);
+        run = 0;
+      }
+    }
+    if (run > 0) f(start, run);
+  }
+  /// Sets the padded rows of m (batch·seq rows) to 0.
+  template <class M>
+  void zero_padding(M&& m) const {
+    for (Index b = 0; b < batch; ++b)
+      if (const Index valid = valid_length(b); valid < seq)
+        m.middleRows(b * seq + valid, seq - valid).setZero();
   }
 
   /// Checks the shape against a matrix with `rows` rows; `component` and `argument`

@@ -70,7 +70,7 @@ class AxialPositions : public detail::PositionalEncoding<S> {
     detail::require_positions("AxialPositions", x, dx, d_in(), shape, offset, max_positions());
     const Index n2 = config_.shape[1], d1 = config_.dims[0], d2 = config_.dims[1];
     for (Index b = 0; b < shape.batch; ++b)
-      for (Index t = 0; t < shape.seq; ++t) {
+      for (Index t = 0; t < shape.valid_length(b); ++t) {  // padded rows reach no gradient
         const Index p = offset + t, r = b * shape.seq + t;
         grads_[0].row(p / n2) += dy.row(r).head(d1);
         grads_[1].row(p % n2) += dy.row(r).tail(d2);

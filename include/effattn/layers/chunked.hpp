@@ -68,14 +68,19 @@ class Chunked : public detail::Wrapper<L> {
     detail::require_backward_call("Chunked", x, d_in(), dy, d_out(), dx, shape);
     check_call(shape, true);
     fn_.set_training(true);
-    for_each_chunk(x.rows(), [&](Index r0, Index m) {
-      Workspace& ws = layer_workspace();
-      const Workspace::Frame frame(ws);
-      auto y = ws.matrix<S>(m, d_out());
-      const SequenceShape part{1, m, {}};
-      fn_.forward(x.middleRows(r0, m), y, part);
-      fn_.backward(x.middleRows(r0, m), dy.middleRows(r0, m), dx.middleRows(r0, m), part);
-      fn_.release_activations();
+    // Chunks of the valid rows only: a padded row reaches no gradient, and its dx is 0.
+    shape.zero_padding(dx);
+    shape.for_each_valid_run([&](Index start, Index run) {
+      for_each_chunk(run, [&](Index r0, Index m) {
+        r0 += start;
+        Workspace& ws = layer_workspace();
+        const Workspace::Frame frame(ws);
+        auto y = ws.matrix<S>(m, d_out());
+        const SequenceShape part{1, m, {}};
+        fn_.forward(x.middleRows(r0, m), y, part);
+        fn_.backward(x.middleRows(r0, m), dy.middleRows(r0, m), dx.middleRows(r0, m), part);
+        fn_.release_activations();
+      });
     });
     fn_.set_training(false);
   }

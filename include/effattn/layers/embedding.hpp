@@ -9,6 +9,7 @@
 
 #include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
+#include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/layers/detail/checks.hpp"
 
@@ -56,9 +57,23 @@ class Embedding {
   void backward(std::span<const std::int32_t> ids, ConstView<S> dy) {
     check(ids);
     detail::require_matrix("Embedding", "dy", dy, Index(ids.size()), config_.d_model);
-    for (std::size_t t = 0; t < ids.size(); ++t) {
-      if (!touched_all_) touched_.push_back(ids[t]);
-      grad_.row(ids[t]) += dy.row(Index(t));
+    add_rows(ids, dy, 0, Index(ids.size()));
+  }
+  /// The same for the valid rows of `shape` only: padded positions reach no gradient,
+  /// whatever dy holds there.
+  void backward(std::span<const std::int32_t> ids, ConstView<S> dy, const SequenceShape& shape) {
+    check(ids);
+    detail::require_matrix("Embedding", "dy", dy, Index(ids.size()), config_.d_model);
+    shape.validate("Embedding", "shape", Index(ids.size()));
+    shape.for_each_valid_run([&](Index r0, Index rows) { add_rows(ids, dy, r0, rows); });
+  }
+
+ private:
+  void add_rows(std::span<const std::int32_t> ids, ConstView<S> dy, Index r0, Index rows) {
+    for (Index t = r0; t < r0 + rows; ++t) {
+      const auto id = ids[std::size_t(t)];
+      if (!touched_all_) touched_.push_back(id);
+      grad_.row(id) += dy.row(t);
     }
     if (Index(touched_.size()) > config_.vocab) {  // clearing everything is cheaper now
       touched_all_ = true;
@@ -66,6 +81,7 @@ class Embedding {
     }
   }
 
+ public:
   template <class F>
   void visit_parameters(F&& f) {
     f(std::string_view("table"), table_, grad_);

@@ -15,6 +15,7 @@
 #include "effattn/layers/activation.hpp"
 #include "effattn/layers/activation_meter.hpp"
 #include "effattn/layers/detail/checks.hpp"
+#include "effattn/layers/detail/gradients.hpp"
 #include "effattn/layers/layer.hpp"
 #include "effattn/layers/layer_workspace.hpp"
 
@@ -95,15 +96,15 @@ class FeedForward {
     const Workspace::Frame frame(ws);
     auto a = ws.matrix<S>(x.rows(), d_ff());
     activate(pre_, a);
-    g_w2_.noalias() += a.transpose() * dy;
-    if (config_.bias) g_b2_.row(0) += dy.colwise().sum();
+    detail::add_weight_gradient(g_w2_, a, dy, shape);
+    if (config_.bias) detail::add_bias_gradient(g_b2_, dy, shape);
     a.noalias() = dy * w2_.transpose();  // d act, then d pre in place
     if (config_.activation == Activation::relu)
       a = (pre_.array() > S(0)).select(a.array(), S(0)).matrix();
     else
       gelu_backward(a, ws);
-    g_w1_.noalias() += x.transpose() * a;
-    if (config_.bias) g_b1_.row(0) += a.colwise().sum();
+    detail::add_weight_gradient(g_w1_, x, a, shape);
+    if (config_.bias) detail::add_bias_gradient(g_b1_, a, shape);
     dx.noalias() = a * w1_.transpose();
   }
 

@@ -83,11 +83,16 @@ class LayerNorm {
     for (Index t = 0; t < x.rows(); ++t) {
       const auto x_hat = (x.row(t).array() - mean_(t, 0)) * inv_std_(t, 0);
       const auto g = dy.row(t).array() * gamma_.row(0).array();
-      g_gamma_.row(0).array() += dy.row(t).array() * x_hat;
-      g_beta_.row(0) += dy.row(t);
       const S g_mean = g.mean(), gx_mean = (g * x_hat).mean();
       dx.row(t) = (inv_std_(t, 0) * (g - g_mean - x_hat * gx_mean)).matrix();
     }
+    shape.for_each_valid_run([&](Index r0, Index rows) {  // padded rows reach no gradient
+      for (Index t = r0; t < r0 + rows; ++t) {
+        const auto x_hat = (x.row(t).array() - mean_(t, 0)) * inv_std_(t, 0);
+        g_gamma_.row(0).array() += dy.row(t).array() * x_hat;
+        g_beta_.row(0) += dy.row(t);
+      }
+    });
   }
 
   /// Backward needs the statistics of a training forward on as many tokens.

@@ -64,8 +64,10 @@ class LearnedPositions : public detail::PositionalEncoding<S> {
     detail::require_backward_call("LearnedPositions", x, d_in(), dy, d_out(), dx, shape);
     detail::require_positions("LearnedPositions", x, dx, d_in(), shape, offset,
                               config_.max_positions);
-    for (Index b = 0; b < shape.batch; ++b)
-      grad_.middleRows(offset, shape.seq) += dy.middleRows(b * shape.seq, shape.seq);
+    for (Index b = 0; b < shape.batch; ++b) {  // padded rows reach no gradient
+      const Index valid = shape.valid_length(b);
+      grad_.middleRows(offset, valid) += dy.middleRows(b * shape.seq, valid);
+    }
     dx = dy;
   }
 

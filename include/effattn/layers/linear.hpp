@@ -11,6 +11,7 @@
 #include "effattn/core/sequence_shape.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/layers/detail/checks.hpp"
+#include "effattn/layers/detail/gradients.hpp"
 #include "effattn/layers/embedding.hpp"
 #include "effattn/layers/layer.hpp"
 
@@ -83,12 +84,15 @@ class Linear {
   /// dx = dy·Wᵀ; adds xᵀ·dy to W's gradient and the column sums of dy to b's.
   void backward(ConstView<S> x, ConstView<S> dy, View<S> dx, const SequenceShape& shape) {
     detail::require_backward_call("Linear", x, d_in(), dy, d_out(), dx, shape);
-    if (config_.bias) g_b_.row(0) += dy.colwise().sum();
+    if (config_.bias) detail::add_bias_gradient(g_b_, dy, shape);
     if (tied_) {
-      tied_->dense_gradient().noalias() += dy.transpose() * x;
+      shape.for_each_valid_run([&](Index r0, Index rows) {
+        tied_->dense_gradient().noalias() +=
+            dy.middleRows(r0, rows).transpose() * x.middleRows(r0, rows);
+      });
       dx.noalias() = dy * tied_->table();
     } else {
-      g_w_.noalias() += x.transpose() * dy;
+      detail::add_weight_gradient(g_w_, x, dy, shape);
       dx.noalias() = dy * w_.transpose();
     }
   }

@@ -18,6 +18,7 @@
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 #include "effattn/layers/activation_meter.hpp"
+#include "effattn/layers/detail/gradients.hpp"
 #include "effattn/layers/layer_workspace.hpp"
 
 namespace effattn {
@@ -328,6 +329,10 @@ class MultiHeadAttention {
     project(x, wq_, bq_, q);
     if (!shared_qk) project(context, wk_, bk_, k);
     project(context, wv_, bv_, v);
+    // Padded rows attend and are attended to as zeros, whatever x holds there.
+    q_shape.zero_padding(q);
+    if (!shared_qk) kv_shape.zero_padding(k);
+    kv_shape.zero_padding(v);
     core_.forward(q, k, v, a, q_shape, kv_shape, training_);
     y.noalias() = a * wo_;
     if (config_.bias) y.rowwise() += bo_.row(0);
@@ -365,13 +370,18 @@ class MultiHeadAttention {
     auto dk = ws.matrix<S>(keys.rows(), keys.cols());
     auto dv = ws.matrix<S>(v_.rows(), v_.cols());
     da.noalias() = dy * wo_.transpose();
+    q_shape.zero_padding(da);  // the dy of padded rows is ignored
     core_.backward(q_, keys, v_, a_, da, dq, dk, dv, q_shape, kv_shape);
+    // The forward set padded rows of q, k, v to 0: no gradient flows through them.
+    q_shape.zero_padding(dq);
+    kv_shape.zero_padding(dk);
+    kv_shape.zero_padding(dv);
     if (shared_qk) dq += dk;  // the queries were the keys too
 
-    add_projection_grads(a_, dy, gwo_, gbo_);
-    add_projection_grads(x, dq, gwq_, gbq_);
-    if (!shared_qk) add_projection_grads(context, dk, gwk_, gbk_);
-    add_projection_grads(context, dv, gwv_, gbv_);
+    add_projection_grads(a_, dy, gwo_, gbo_, q_shape);
+    add_projection_grads(x, dq, gwq_, gbq_, q_shape);
+    if (!shared_qk) add_projection_grads(context, dk, gwk_, gbk_, kv_shape);
+    add_projection_grads(context, dv, gwv_, gbv_, kv_shape);
     dx.noalias() = dq * wq_.transpose();
     View<S> dc = self ? dx : d_context;  // keys and values came from x or from the context
     if (!shared_qk) {
@@ -383,10 +393,11 @@ class MultiHeadAttention {
     dc.noalias() += dv * wv_.transpose();
   }
 
-  void add_projection_grads(ConstView<S> in, ConstView<S> d_out, Matrix<S>& gw,
-                            Matrix<S>& gb) const {
-    gw.noalias() += in.transpose() * d_out;
-    if (config_.bias) gb.row(0) += d_out.colwise().sum();
+  // Over the valid rows only: a padded row reaches no gradient.
+  void add_projection_grads(ConstView<S> in, ConstView<S> d_out, Matrix<S>& gw, Matrix<S>& gb,
+                            const SequenceShape& shape) const {
+    detail::add_weight_gradient(gw, in, d_out, shape);
+    if (config_.bias) detail::add_bias_gradient(gb, d_out, shape);
   }
 
   Config config_;

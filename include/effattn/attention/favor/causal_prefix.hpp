@@ -55,10 +55,28 @@ class CausalPrefix {
       e_.row(i).segment(seen, rows_ - seen).setZero();
     }
     next_ = rows_ > 0 ? running_[rows_ - 1] : shift_;
+    valid_ = kb.valid();
     auto al = a_.topLeftCorner(rows_, rows_);
     products_->assign(al, qb.phi(), kb.phi().transpose());
     al.array() *= weights(rows_).array();
+    // Selected, not multiplied: a later key's ∞ or NaN feature times its weight 0 would be NaN.
+    for (Index i = 0; i < rows_; ++i)
+      al.row(i).tail(rows_ - seen(i)).setZero();
     return al;
+  }
+  /// Keys of the chunk that query i sees: j ≤ i, and not padding.
+  Index seen(Index i) const { return std::min(i + 1, valid_); }
+
+  /// o += A·V over the keys each query sees: one product, or, when V holds a value that is not
+  /// finite, row by row over the seen keys only (0 · NaN would reach earlier rows).
+  template <class O, class A, class V>
+  void add_seen(O&& o, const A& al, const V& v) const {
+    if (v.allFinite()) {
+      products_->add(o, al, v);
+      return;
+    }
+    for (Index i = 0; i < rows_; ++i)
+      o.row(i).noalias() += al.row(i).head(seen(i)) * v.topRows(seen(i));
   }
   auto weights(Index rows) const { return e_.topLeftCorner(rows, rows); }
 
@@ -115,7 +133,7 @@ class CausalPrefix {
   const Products<S>* products_;
   S* running_;
   Eigen::Map<Matrix<S>, Eigen::Aligned64> a_, e_;
-  Index rows_ = 0;
+  Index rows_ = 0, valid_ = 0;
   S shift_ = minus_infinity, next_ = minus_infinity;
 };
 

@@ -255,7 +255,7 @@ class Pieces {
       mul.assign(o, qb.phi(), state);
       dl.noalias() = qb.phi() * z.transpose();
       run.scale_by_alpha(o, dl);
-      mul.add(o, al, v.middleRows(t0, rows));
+      run.add_seen(o, al, v.middleRows(t0, rows));
       dl += al.rowwise().sum();
       detail::favor::normalise(o, dl);
       run.advance(kb, v.middleRows(t0, rows), state, z);

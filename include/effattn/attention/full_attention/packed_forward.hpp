@@ -48,6 +48,10 @@ void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<float> v, 
   float* vp = ws.take<float>(dv_pad * n_pad);
   kernel::pack_transposed(k.data(), k.outerStride(), keys, d_k, kp);
   kernel::pack_rows(v.data(), v.outerStride(), keys, d_v, vp);
+  // A masked key gets probability 0, but 0 · ∞ or 0 · NaN in P·V would still reach the row:
+  // when some value is not finite, masked tiles multiply each row by its visible keys only,
+  // so that no output depends on a key it does not see (a later token, in causal attention).
+  const bool exact_mask = !v.topRows(keys).allFinite();
   const Index br = std::min(t.query, n_q),
               bc = kernel::padded(std::min(t.key, std::max<Index>(keys, 1)));
   float* qs = ws.take<float>(br * d_k);
@@ -78,6 +82,15 @@ void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<float> v, 
         const Index visible = masked ? std::clamp<Index>(key_end(i0 + r) - j0, 0, cols) : cols;
         std::fill(row + visible, row + cols, neg_inf);
         alpha[r] = online_softmax_row(row, cols, m[r], l[r]);
+      }
+      if (masked && exact_mask) {
+        for (Index r = 0; r < rows; ++r) {
+          const Index visible = std::clamp<Index>(key_end(i0 + r) - j0, 0, cols);
+          kernel::gemm(1, d_v, visible, {p + r * bc, bc}, vp + j0 * kernel::panel,
+                       kernel::panel * n_pad, o + r * dv_pad, dv_pad, kernel::Update::rescale,
+                       alpha + r);
+        }
+        continue;
       }
       kernel::gemm(rows, d_v, cols, {p, bc}, vp + j0 * kernel::panel, kernel::panel * n_pad, o,
                    dv_pad, kernel::Update::rescale, alpha);
