@@ -2,6 +2,7 @@
 // ShardedCall: the checks every sequence-parallel attention makes on a call, agreed by all ranks.
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <span>
 #include <utility>
@@ -48,31 +49,33 @@ class ShardedCall {
   /// and `more` named parts); if any rank's checks fail, every rank throws (the others with
   /// "rejected on another rank"), and if any part differs between ranks, every rank throws
   /// naming it: before any data moves, in one all-reduce.
+  static constexpr std::size_t max_parts = 4;
   template <class Checks>
   void agree(Checks&& checks, std::span<const NamedFingerprint> more = {}) const {
-    std::vector<std::int64_t> v(2 + 2 * (1 + more.size()));
-    v[2] = own_fingerprint_;
-    for (std::size_t i = 0; i < more.size(); ++i)
-      v[4 + 2 * i] = more[i].value;
-    for (std::size_t i = 2; i < v.size(); i += 2)
-      v[i + 1] = -v[i];
+    // v[0]: a rank failed; then each part's fingerprint f and −f: their maxima over the ranks
+    // are f and −f only if every rank has f.
+    std::array<std::int64_t, 1 + 2 * (1 + max_parts)> v{};
+    const std::size_t parts = 1 + std::min(more.size(), max_parts), count = 1 + 2 * parts;
+    for (std::size_t i = 0; i < parts; ++i) {
+      v[1 + 2 * i] = i == 0 ? own_fingerprint_ : more[i - 1].value;
+      v[2 + 2 * i] = -v[1 + 2 * i];
+    }
     try {
       checks();
     } catch (const Error&) {
       v[0] = 1;
-      comm_.all_reduce(v.data(), v.size(), true);
+      comm_.all_reduce(v.data(), count, true);
       throw;
     }
-    comm_.all_reduce(v.data(), v.size(), true);
+    comm_.all_reduce(v.data(), count, true);
     effattn::detail::require(v[0] == 0, who_, "call", "rejected on another rank",
                              "the same valid call on every rank");
-    for (std::size_t i = 2; i < v.size(); i += 2) {
-      const char* part = i == 2 ? "head layout and shards" : more[(i - 4) / 2].name;
+    for (std::size_t i = 0; i < parts; ++i)
       effattn::detail::require(
-          v[i] == -v[i + 1], who_, part, "not the same on every rank",
+          v[1 + 2 * i] == -v[2 + 2 * i], who_, i == 0 ? "head layout and shards" : more[i - 1].name,
+          "not the same on every rank",
           "one configuration on every rank (the same block built with the same d_model, heads, "
           "seed, policy settings, random features and SequenceShards)");
-    }
   }
 
   /// Valid positions of each whole sequence: the sum over ranks of their valid rows. Every
