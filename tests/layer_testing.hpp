@@ -33,11 +33,13 @@ void randomise(L& layer, std::uint64_t seed) {
       [&](std::string_view, auto& w, auto&) { CounterRng(seed++).fill_normal(w, 0.5); });
 }
 
-// Finite differences of loss = Σ y ⊙ g against backward, for x and every parameter.
+// Finite differences of loss = Σ y ⊙ g against backward, for x and every parameter. Padded
+// rows are not part of the loss (their g is 0): their dy is ignored (core/sequence_shape.hpp).
 template <class L>
 void check_gradients(L& layer, Matrix<double> x, const SequenceShape& shape, double tol = 1e-7) {
   Matrix<double> y(x.rows(), layer.d_out()), dx(x.rows(), layer.d_in());
-  const Matrix<double> g = random<double>(x.rows(), layer.d_out(), 99);
+  Matrix<double> g = random<double>(x.rows(), layer.d_out(), 99);
+  shape.zero_padding(g);
   layer.set_training(false);
   auto loss = [&] {
     layer.forward(x, y, shape);

@@ -24,6 +24,7 @@
 
 #include "effattn/core/error.hpp"
 #include "effattn/core/types.hpp"
+#include "effattn/training/detail/parameter_states.hpp"
 
 namespace effattn {
 
