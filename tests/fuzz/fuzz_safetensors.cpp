@@ -76,13 +76,17 @@ void load_all(const fs::path& file) {
   expect_error_or_success([&] { safetensors::load_optimizer(file, sgd); });
 }
 
+}  // namespace
+
+#ifndef EFFATTN_FUZZ_SEEDS
+namespace {
+// Where each input is written for the loaders (memory-backed when /dev/shm exists).
 fs::path input_file() {
   const fs::path dir = fs::exists("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path();
   return dir / ("effattn_fuzz_" + std::to_string(::getpid()) + ".safetensors");
 }
 }  // namespace
 
-#ifndef EFFATTN_FUZZ_SEEDS
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static const fs::path file = input_file();
   {
