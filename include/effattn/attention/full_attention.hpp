@@ -14,6 +14,7 @@
 #include "effattn/attention/head_context.hpp"
 #include "effattn/attention/head_layout.hpp"
 #include "effattn/core/error.hpp"
+#include "effattn/core/finite.hpp"
 #include "effattn/core/parallel.hpp"
 #include "effattn/core/product.hpp"
 #include "effattn/core/softmax.hpp"
@@ -188,7 +189,7 @@ class FullAttention {
     const detail::EigenSingleThreadScope serial_products;
     // A masked key gets probability 0, but 0 · ∞ or 0 · NaN in P·V would still reach the row:
     // when some value is not finite, masked tiles multiply each row by its visible keys only.
-    const bool exact_mask = !v.topRows(ctx.key_length).allFinite();
+    const bool exact_mask = !detail::all_finite(v.topRows(ctx.key_length));
     for (Index i0 = 0; i0 < n_q; i0 += br) {
       const Index rows = std::min(br, n_q - i0);
       Workspace::Frame frame(ws);

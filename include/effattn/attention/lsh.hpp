@@ -18,6 +18,7 @@
 #include "effattn/attention/lsh/lsh_config.hpp"
 #include "effattn/attention/lsh/sorting.hpp"
 #include "effattn/core/error.hpp"
+#include "effattn/core/finite.hpp"
 #include "effattn/core/parallel.hpp"
 #include "effattn/core/softmax.hpp"
 #include "effattn/core/types.hpp"
@@ -304,7 +305,7 @@ class LSHAttention {
     const bool prefetch = !chunk.gathers_rows();
     // A masked key gets probability 0, but 0 · ∞ or 0 · NaN in P·V would still reach the row:
     // when some value is not finite, rows add only the keys they see (probability ≠ 0).
-    const bool exact_mask = !chunk.v_.allFinite();
+    const bool exact_mask = !detail::all_finite(chunk.v_);
     double pairs = 0;
     for (Index round = 0; round < config_.rounds; ++round) {
       rounds.select(round);

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <limits>
 
+#include "effattn/core/finite.hpp"
 #include "effattn/core/packed_product.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
@@ -71,7 +72,7 @@ class CausalPrefix {
   /// finite, row by row over the seen keys only (0 · NaN would reach earlier rows).
   template <class O, class A, class V>
   void add_seen(O&& o, const A& al, const V& v) const {
-    if (v.allFinite()) {
+    if (all_finite(v)) {
       products_->add(o, al, v);
       return;
     }

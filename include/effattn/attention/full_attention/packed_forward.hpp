@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "effattn/attention/head_context.hpp"
+#include "effattn/core/finite.hpp"
 #include "effattn/core/micro_kernel.hpp"
 #include "effattn/core/simd.hpp"
 #include "effattn/core/softmax.hpp"
@@ -51,7 +52,7 @@ void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<float> v, 
   // A masked key gets probability 0, but 0 · ∞ or 0 · NaN in P·V would still reach the row:
   // when some value is not finite, masked tiles multiply each row by its visible keys only,
   // so that no output depends on a key it does not see (a later token, in causal attention).
-  const bool exact_mask = !v.topRows(keys).allFinite();
+  const bool exact_mask = !all_finite(v.topRows(keys));
   const Index br = std::min(t.query, n_q),
               bc = kernel::padded(std::min(t.key, std::max<Index>(keys, 1)));
   float* qs = ws.take<float>(br * d_k);
