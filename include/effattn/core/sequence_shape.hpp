@@ -32,12 +32,6 @@ struct SequenceShape {
   Index valid_length(Index b) const {
     return lengths.empty() ? seq : lengths[static_cast<std::size_t>(b)];
   }
-  bool has_padding() const {
-    for (const Index n : lengths)
-      if (n < seq) return true;
-    return false;
-  }
-
   /// Calls f(first_row, rows) for each run of valid rows, in order; one call for all rows
   /// when nothing is padding (sequences with no padding are merged into one run).
   template <class F>

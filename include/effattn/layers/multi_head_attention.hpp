@@ -1,6 +1,7 @@
 #pragma once
 // MultiHeadAttention: Q/K/V/O projections around an AttentionCore.
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <string_view>
@@ -284,11 +285,9 @@ class MultiHeadAttention {
   // every rank before any data moves; any other core just runs them.
   template <class Checks>
   void agreed(Checks&& checks) const {
-    if constexpr (requires { core_.agree(std::int64_t{}, checks); }) {
-      std::int64_t layer = config_.d_model;
-      layer = layer * 1000003 + config_.d_context;
-      layer = layer * 1000003 + (config_.bias ? 1 : 0);
-      core_.agree(layer & 0x3fffffffffffffff, checks);
+    using Layer = std::array<std::int64_t, 3>;
+    if constexpr (requires { core_.agree(Layer{}, checks); }) {
+      core_.agree(Layer{config_.d_model, config_.d_context, config_.bias ? 1 : 0}, checks);
     } else {
       checks();
     }

@@ -2,6 +2,7 @@
 // SequenceParallel<Policy>: a policy whose sequences are sharded across MPI ranks, for
 // MultiHeadAttention and every layer built on it.
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -165,12 +166,14 @@ class ShardedCore {
   /// whose checks fail, or any difference, is an effattn::Error on every rank before any data
   /// moves (MultiHeadAttention calls this before its projections).
   template <class Checks>
-  void agree(std::int64_t layer, Checks&& checks) const {
-    detail::Fingerprint settings, random;
+  void agree(const std::array<std::int64_t, 3>& layer, Checks&& checks) const {
+    detail::Fingerprint own, settings, random;
+    for (const std::int64_t value : layer)
+      own.add(value);
     settings.add(causal);
     detail::add_policy(settings, random, static_cast<const typename Policy::Inner&>(policy_),
                        engine_.layout().heads);
-    const detail::NamedFingerprint parts[] = {{"layer (d_model, bias)", layer},
+    const detail::NamedFingerprint parts[] = {{"layer (d_model, bias)", own.value()},
                                               {"policy settings and masking", settings.value()},
                                               {"random features or rotations", random.value()}};
     engine_.call().agree(checks, parts);
