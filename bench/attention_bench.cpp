@@ -3,9 +3,11 @@
 // (forward) and attention_train/<policy>/… (forward + backward).
 // machine/fma_peak/threads:<t> measures the machine's fp32 FMA peak (one thread and all), and
 // every attention benchmark reports peak_fraction: its GFLOPs over the all-thread peak.
+// h:1 benchmarks (one sequence, one head) show whether the threads share a head's work;
+// decode/<policy>/ctx:<c>/h:1/d:64 times one new token against a c-token cache or state.
 // Counters: GFLOPs (the policy's own work per second; LSH: the work its buckets gave),
 // tokens_per_s, scratch_bytes (peak workspace of all threads), saved_bytes (what forward keeps for
-// backward).
+// backward), tasks (what the call's largest stage handed to the threads: problems × blocks).
 #include <benchmark/benchmark.h>
 
 #include <string>
@@ -54,6 +56,7 @@ void forward(benchmark::State& state, Problem p) {
   state.counters["tokens_per_s"] =
       benchmark::Counter(double(p.tokens()) * iterations, benchmark::Counter::kIsRate);
   state.counters["scratch_bytes"] = double(run.core.scratch_peak_bytes());
+  state.counters["tasks"] = double(run.core.last_tasks());
   state.SetComplexityN(p.n);
 }
 
@@ -65,9 +68,12 @@ void train(benchmark::State& state, Problem p) {
   run.forward(in, p, true);
   run.core.reset_peak();
   run.reset_work();
+  Index tasks = 0;
   for (auto _ : state) {
     run.forward(in, p, true);
+    tasks = run.core.last_tasks();
     run.core.backward(in.q, run.keys(in), in.v, in.out, d_out, dq, dk, dv, p.shape(), p.shape());
+    tasks = std::max(tasks, run.core.last_tasks());
     benchmark::DoNotOptimize(dq.data());
     benchmark::ClobberMemory();
   }
@@ -82,7 +88,46 @@ void train(benchmark::State& state, Problem p) {
       benchmark::Counter(work / 1e9 / peak_gflops, benchmark::Counter::kIsRate);
   state.counters["scratch_bytes"] = double(run.core.scratch_peak_bytes());
   state.counters["saved_bytes"] = double(run.core.saved_bytes());
+  state.counters["tasks"] = double(tasks);
   state.SetComplexityN(p.n);
+}
+
+// One new token of one sequence against a cache (Full) or state (Favor) of `context` tokens:
+// decode/<policy>/ctx:<context>/h:<heads>/d:<d>.
+template <class Policy>
+void decode(benchmark::State& state, Problem p) {
+  const Index context = p.n, width = p.heads * p.d;
+  AttentionCore<Policy, Causal> core(bench_config<Policy>(p), HeadLayout{p.heads, p.d, p.d, 1});
+  auto decoder = core.start_decoding(1);
+  Matrix<float> prefix(context, width), q(1, width), k(1, width), v(1, width), out(1, width);
+  CounterRng(1, 0).fill_normal(prefix);
+  CounterRng(1, 1).fill_normal(q);
+  CounterRng(1, 2).fill_normal(k);
+  CounterRng(1, 3).fill_normal(v);
+  Matrix<float> prefix_out(context, width);
+  // The context less the new token, in two parts, so that the cache has room for the new token
+  // (it grows by doubling) and no iteration times a reallocation.
+  const Index half = context / 2, rest = context - 1 - half;
+  core.decode(prefix.topRows(half), prefix.topRows(half), prefix.topRows(half),
+              prefix_out.topRows(half), decoder);
+  core.decode(prefix.middleRows(half, rest), prefix.middleRows(half, rest),
+              prefix.middleRows(half, rest), prefix_out.middleRows(half, rest), decoder);
+  for (auto _ : state) {
+    core.decode(q, k, v, out, decoder);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+    // The same token again next time: a cache forgets it (Favor's state costs the same at
+    // any length, and keeps it).
+    if constexpr (requires { decoder.states[0].k; }) {
+      decoder.length -= 1;
+      for (auto& st : decoder.states)
+        st.length -= 1;
+    }
+  }
+  state.counters["tasks"] = double(core.last_tasks());
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(double(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["scratch_bytes"] = double(core.scratch_peak_bytes());
 }
 
 // Registers attention/<policy>/… (forward) or attention_train/<policy>/… for one problem.
@@ -105,6 +150,27 @@ void register_policy(const char* name, Index max_n, Index max_train_n) {
       add<Policy<float>>(name, p, false);
       if (n <= max_train_n) add<Policy<float>>(name, p, true);
     }
+}
+
+// One sequence, one head: the case where a head's work must be shared by the threads.
+template <template <class> class Policy>
+void register_one_head(const char* name, Index n) {
+  for (const bool causal : {false, true}) {
+    if (causal && !Policy<float>::supports_causal) continue;
+    const Problem p{n, 1, 64, 1, causal};
+    add<Policy<float>>(name, p, false);
+    add<Policy<float>>(name, p, true);
+  }
+}
+
+template <class Policy>
+void register_decode(const char* name, Index context) {
+  const Problem p{context, 1, 64, 1, true};
+  const std::string full =
+      std::string("decode/") + name + "/ctx:" + std::to_string(context) + "/h:1/d:64";
+  benchmark::RegisterBenchmark(full.c_str(), decode<Policy>, p)
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond);
 }
 
 template <class S>
@@ -130,6 +196,12 @@ int main(int argc, char** argv) {
   register_policy<LowRank>("lowrank", 1 << 18, 65536);
   register_policy<LowRankMeanPooling>("lowrank_meanpool", 1 << 20, 65536);
   register_policy<LSHAttention>("lsh", 1 << 20, 65536);
+  register_one_head<FullAttention>("full", 4096);
+  register_one_head<Favor>("favor", 4096);
+  register_one_head<LowRank>("lowrank", 4096);
+  register_one_head<LSHAttention>("lsh", 4096);
+  register_decode<FullAttention<float>>("full", 16384);
+  register_decode<Favor<float>>("favor", 16384);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

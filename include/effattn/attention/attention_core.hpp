@@ -2,6 +2,7 @@
 // AttentionCore: a policy run over every (sequence, head) of projected Q, K, V.
 
 #include <algorithm>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -44,12 +45,16 @@ struct DecodeStateOf<Policy> {
 /// The attention between projections: for every sequence b and head h,
 ///   out[b, :, h] = Policy(q[b, :, h], k[b, :, h], v[b, :, h]),
 /// where q, k are [batch·n × heads·d_key], v and out [batch·n × heads·d_value] and a head
-/// is a column block. (sequence, head) problems run in parallel; when there are fewer of
-/// them than twice the threads and the policy allows it, a head's queries are split too.
-/// Each thread's scratch comes from a workspace planned with Policy::scratch_bytes before
-/// the parallel region. With keep_saved, forward keeps the policy's Saved state of every
-/// problem for backward. MultiHeadAttention is this plus the four projections; use it
-/// directly when you project yourself.
+/// is a column block. (sequence, head) problems run in parallel, and so do the blocks of one
+/// head where the policy splits it (see "blocks" in attention_policy.hpp: Full's backward over
+/// key tiles and its decoding over cache blocks, Favor's bidirectional key sums and queries);
+/// when there are fewer problems than twice the threads and the policy allows it, a head's
+/// queries are split into slices of whole query tiles. Blocks are fixed rows of the sequence and
+/// merge in block order, so every result has the same bits at any thread count. Each thread's
+/// scratch comes from a workspace planned with Policy::scratch_bytes before the parallel region,
+/// and what one problem's blocks share from memory sized before it too. With keep_saved, forward
+/// keeps the policy's Saved state of every problem for backward. MultiHeadAttention is this plus
+/// the four projections; use it directly when you project yourself.
 template <class Policy, class Masking = Bidirectional>
 class AttentionCore {
   static_assert(detail::assert_attention_policy<Policy>());
@@ -87,14 +92,20 @@ class AttentionCore {
 
     const int threads = max_threads();
     const Index problems = q_shape.batch * h;
-    Index splits = 1;
+    // Slices are whole query tiles of the policy (query_grain), so that every row is computed
+    // in the same tile as without the split: the same bits for every thread count.
+    Index grain = min_split_rows;
+    if constexpr (requires { policy_.query_grain(dk, dv); })
+      grain = std::max<Index>(grain, policy_.query_grain(dk, dv));
+    Index slice = n_q;
     if constexpr (Policy::splits_queries) {
       if (problems < 2 * threads) {
         const Index want = (2 * threads + problems - 1) / problems;
-        splits = std::max<Index>(1, std::min(want, n_q / min_split_rows));
+        const Index splits = std::max<Index>(1, std::min(want, n_q / grain));
+        slice = ((n_q + splits - 1) / splits + grain - 1) / grain * grain;
       }
     }
-    const Index slice = (n_q + splits - 1) / splits;
+    const Index splits = (n_q + slice - 1) / slice;
     saved_.clear();
     if (keep_saved) {
       saved_.reserve(static_cast<std::size_t>(problems));
@@ -104,16 +115,49 @@ class AttentionCore {
     pool_.resize(threads);
     pool_.reserve_each(policy_.scratch_bytes(slice, n_k, dk, dv));
 
-    parallel_for(problems * splits, threads, [&](Index task, int slot) {
-      const Index problem = task / splits, q0 = (task % splits) * slice;
-      const Index b = problem / h, head = problem % h, rows = std::min(slice, n_q - q0);
-      if (rows <= 0) return;
-      auto* saved = keep_saved ? &saved_[static_cast<std::size_t>(problem)] : nullptr;
-      policy_.forward(q.block(b * n_q + q0, head * dk, rows, dk),
-                      k.block(b * n_k, head * dk, n_k, dk), v.block(b * n_k, head * dv, n_k, dv),
-                      out.block(b * n_q + q0, head * dv, rows, dv), saved,
-                      context(b, head, q0, q_shape, kv_shape), pool_[slot]);
-    });
+    // A policy whose forward runs in blocks (Favor: key sums over key blocks, merged in block
+    // order, then query blocks) gets every (problem, block) as a task, block-major, and a share
+    // of memory per problem for what its blocks merge.
+    constexpr bool blocked = requires(const Policy& p) {
+      { p.forward_blocks(Index{}, Index{}, Index{}, Index{}, true) } -> std::convertible_to<Index>;
+    };
+    if constexpr (blocked) {
+      const Index blocks = std::max<Index>(1, policy_.forward_blocks(n_q, n_k, dk, dv, causal));
+      const Index share = shared_scalars(n_q, n_k, dk, dv);
+      shared_.resize(static_cast<std::size_t>(problems * share));
+      steps_.reset(problems);
+      last_tasks_ = problems * blocks;
+      parallel_for(problems * blocks, threads, [&](Index task, int slot) {
+        const Index problem = task % problems, block = task / problems;
+        const Index b = problem / h, head = problem % h;
+        auto* saved = keep_saved ? &saved_[static_cast<std::size_t>(problem)] : nullptr;
+        try {
+          policy_.forward_block(
+              block, q.block(b * n_q, head * dk, n_q, dk), k.block(b * n_k, head * dk, n_k, dk),
+              v.block(b * n_k, head * dv, n_k, dv), out.block(b * n_q, head * dv, n_q, dv), saved,
+              context(b, head, 0, q_shape, kv_shape), pool_[slot],
+              detail::StepOrder(steps_, problem, block), shared_.data() + problem * share);
+        } catch (...) {
+          steps_.abandon();
+          throw;
+        }
+      });
+    } else {
+      last_tasks_ = problems * splits;
+      parallel_for(problems * splits, threads, [&](Index task, int slot) {
+        // Causal slices later in the sequence see more keys: the heaviest go first, so that
+        // the light ones fill in at the end.
+        const Index part = causal ? splits - 1 - task % splits : task % splits;
+        const Index problem = task / splits, q0 = part * slice;
+        const Index b = problem / h, head = problem % h, rows = std::min(slice, n_q - q0);
+        if (rows <= 0) return;
+        auto* saved = keep_saved ? &saved_[static_cast<std::size_t>(problem)] : nullptr;
+        policy_.forward(q.block(b * n_q + q0, head * dk, rows, dk),
+                        k.block(b * n_k, head * dk, n_k, dk), v.block(b * n_k, head * dv, n_k, dv),
+                        out.block(b * n_q + q0, head * dv, rows, dv), saved,
+                        context(b, head, q0, q_shape, kv_shape), pool_[slot]);
+      });
+    }
     last_ = keep_saved ? Last{q_shape, kv_shape} : Last{};
   }
 
@@ -150,18 +194,51 @@ class AttentionCore {
       p.begin_backward(1, Index{1});
       p.end_backward();
     };
+    // A policy whose backward runs in blocks (FullAttention: key blocks) has each problem's
+    // blocks merge their shared result in block order: the same bits for every thread count.
+    constexpr bool blocked = requires(const Policy& p) {
+      { p.backward_blocks(Index{}, Index{}, Index{}, Index{}, true) } -> std::convertible_to<Index>;
+    };
+    static_assert(!(reduces && blocked),
+                  "effattn: a policy's backward runs in blocks or reduces shared parameters' "
+                  "gradients per worker, not both");
+    const Index problems = q_shape.batch * h;
+    Index blocks = 1;
+    if constexpr (blocked)
+      blocks = std::max<Index>(1, policy_.backward_blocks(n_q, n_k, dkw, dvw, causal));
+    last_tasks_ = problems * blocks;
+    const Index share = shared_scalars(n_q, n_k, dkw, dvw);
+    if constexpr (blocked) {
+      steps_.reset(problems);
+      shared_.resize(static_cast<std::size_t>(problems * share));
+    }
     if constexpr (reduces) policy_.begin_backward(threads, n_k);
     parallel_for(
-        q_shape.batch * h, threads,
-        [&](Index problem, int slot) {
+        problems * blocks, threads,
+        [&](Index task, int slot) {
+          // Block-major: the blocks a block waits for (its problem's earlier ones) were handed
+          // out a whole round of problems before it, and the heavy first blocks go first.
+          const Index problem = task % problems, block = task / problems;
           const Index b = problem / h, head = problem % h;
           const auto qb = [&](auto& m, Index w) { return m.block(b * n_q, head * w, n_q, w); };
           const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
           HeadContext ctx = context(b, head, 0, q_shape, kv_shape);
           ctx.worker = slot;
-          policy_.backward(qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw), qb(d_out, dvw),
-                           saved_[static_cast<std::size_t>(problem)], qb(dq, dkw), kb(dk, dkw),
-                           kb(dv, dvw), ctx, pool_[slot]);
+          const auto& saved = saved_[static_cast<std::size_t>(problem)];
+          if constexpr (blocked) {
+            try {
+              policy_.backward_block(block, qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw),
+                                     qb(d_out, dvw), saved, qb(dq, dkw), kb(dk, dkw), kb(dv, dvw),
+                                     ctx, pool_[slot], detail::StepOrder(steps_, problem, block),
+                                     shared_.data() + problem * share);
+            } catch (...) {
+              steps_.abandon();
+              throw;
+            }
+          } else {
+            policy_.backward(qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw), qb(d_out, dvw),
+                             saved, qb(dq, dkw), kb(dk, dkw), kb(dv, dvw), ctx, pool_[slot]);
+          }
         },
         reduces ? Schedule::fixed : Schedule::dynamic);
     if constexpr (reduces) policy_.end_backward();
@@ -220,12 +297,46 @@ class AttentionCore {
     const int threads = max_threads();
     pool_.resize(threads);
     pool_.reserve_each(policy_.decode_scratch_bytes(m, d.length, dk, dv));
-    parallel_for(d.batch * h, threads, [&](Index problem, int slot) {
-      const Index b = problem / h, head = problem % h;
-      policy_.decode(q.block(b * m, head * dk, m, dk), k.block(b * m, head * dk, m, dk),
-                     v.block(b * m, head * dv, m, dv), out.block(b * m, head * dv, m, dv), head,
-                     d.states[static_cast<std::size_t>(problem)], pool_[slot]);
-    });
+    const auto state = [&](Index problem) -> auto& {
+      return d.states[static_cast<std::size_t>(problem)];
+    };
+    // A policy that decodes in blocks (FullAttention: blocks of a long cache) appends the new
+    // keys first, then runs every (problem, block) as a task, merging each problem's blocks in
+    // block order: the same bits for every thread count.
+    constexpr bool blocked = requires(const Policy& p) {
+      { p.decode_blocks(Index{}, Index{}) } -> std::convertible_to<Index>;
+    };
+    if constexpr (blocked) {
+      parallel_for(d.batch * h, threads, [&](Index problem, int) {
+        const Index b = problem / h, head = problem % h;
+        policy_.decode_append(k.block(b * m, head * dk, m, dk), v.block(b * m, head * dv, m, dv),
+                              state(problem));
+      });
+      const Index blocks = std::max<Index>(1, policy_.decode_blocks(m, d.length + m));
+      last_tasks_ = d.batch * h * blocks;
+      steps_.reset(d.batch * h);
+      parallel_for(d.batch * h * blocks, threads, [&](Index task, int slot) {
+        const Index problem = task % (d.batch * h), block = task / (d.batch * h);
+        const Index b = problem / h, head = problem % h;
+        try {
+          policy_.decode_block(block, q.block(b * m, head * dk, m, dk),
+                               out.block(b * m, head * dv, m, dv), head, state(problem),
+                               pool_[slot],
+                               [&](auto&& merge) { steps_.run(problem, block, merge); });
+        } catch (...) {
+          steps_.abandon();
+          throw;
+        }
+      });
+    } else {
+      last_tasks_ = d.batch * h;
+      parallel_for(d.batch * h, threads, [&](Index problem, int slot) {
+        const Index b = problem / h, head = problem % h;
+        policy_.decode(q.block(b * m, head * dk, m, dk), k.block(b * m, head * dk, m, dk),
+                       v.block(b * m, head * dv, m, dv), out.block(b * m, head * dv, m, dv), head,
+                       state(problem), pool_[slot]);
+      });
+    }
     d.length += m;
   }
 
@@ -274,6 +385,9 @@ class AttentionCore {
   /// Times a workspace grew past its plan: 0 unless a policy's scratch_bytes is wrong.
   std::size_t scratch_growths() const { return pool_.growths(); }
   void reset_peak() { pool_.reset_peak(); }
+  /// Tasks the last forward, backward or decode handed to the threads (problems × blocks):
+  /// more tasks than threads is what lets every thread work.
+  Index last_tasks() const { return last_tasks_; }
 
  private:
   static constexpr bool can_decode = requires { typename Policy::DecodeState; };
@@ -300,6 +414,10 @@ class AttentionCore {
                       detail::concat(arg, ".lengths[", b, "]"), now.valid_length(b),
                       detail::concat("the forward's valid length, ", then.valid_length(b),
                                      " (backward needs the forward's padding)"));
+  }
+
+  Index shared_scalars(Index n_q, Index n_k, Index dk, Index dv) const {
+    return detail::shared_scalars_of(policy_, n_q, n_k, dk, dv);
   }
 
   HeadContext context(Index b, Index head, Index q0, const SequenceShape& q_shape,
@@ -329,6 +447,9 @@ class AttentionCore {
   Policy policy_;
   std::vector<typename Policy::Saved> saved_;
   WorkspacePool pool_{1};
+  detail::OrderedSteps steps_;
+  std::vector<Scalar> shared_;  // what a blocked policy's blocks of each problem merge
+  Index last_tasks_ = 0;
   Last last_{};
   detail::InstanceId id_;
   detail::ExclusiveUse in_use_;

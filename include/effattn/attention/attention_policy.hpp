@@ -9,6 +9,7 @@
 #include "effattn/attention/head_context.hpp"
 #include "effattn/attention/head_layout.hpp"
 #include "effattn/attention/masking.hpp"
+#include "effattn/core/parallel.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 
@@ -74,6 +75,25 @@ concept PolicyHasBackward = PolicyHasScalar<P> && PolicyHasSavedState<P> &&
 
 /// An attention policy computes out[n_q×d_v] = attention(q[n_q×d_k], k[n_k×d_k],
 /// v[n_k×d_v]) for one head of one sequence, and its backward.
+///
+/// Optional: blocks, so that the threads share one head (AttentionCore finds these by name).
+/// A call's work for one (sequence, head) is a fixed sequence of blocks of the sequence, each
+/// one task, numbered so that a block's step comes after those it needs:
+///   forward_blocks(n_q, n_k, d_k, d_v, causal) → Index, and
+///   forward_block(block, q, k, v, out, saved*, context, workspace, order, shared) const;
+///   backward_blocks(…) and backward_block(block, q, k, v, out, d_out, saved, d_q, d_k, d_v,
+///   context, workspace, order, shared) const, likewise;
+///   shared_scalars(n_q, n_k, d_k, d_v) → Index: what the blocks of one problem share (sums
+///   they merge), given to every block as `shared`;
+///   decode_blocks(m, n), decode_append(k, v, state) and decode_block(block, q, out, head,
+///   state, workspace, order): decoding in blocks of the cache;
+///   query_grain(d_k, d_v) → Index: with splits_queries, the rows a query slice is a multiple
+///   of (the policy's query tile), so that a split does not change any row's bits.
+/// `order` (detail::StepOrder) runs a block's merge after the merges of the blocks before it
+/// (order(f)) and waits for the first n blocks' merges (order.wait(n)); AttentionCore hands the
+/// blocks out step-major across problems. Blocks are fixed rows of the sequence, never a share
+/// of the threads, and merges run in block order: the bits do not depend on the thread count.
+/// forward and backward must equal their blocks run in order (detail::InCallOrder).
 template <class P>
 concept AttentionPolicy = PolicyHasScalar<P> && PolicyStatesCapabilities<P> &&
     PolicyIsConstructible<P> && PolicyHasSavedState<P> && PolicyPlansAndChecks<P> &&
@@ -106,6 +126,40 @@ constexpr bool assert_attention_policy() {
                 "effattn: this type is not an attention policy: it needs `backward(q, k, v, out, "
                 "d_out, const Saved&, d_q, d_k, d_v, const HeadContext&, Workspace&) const`.");
   return true;
+}
+
+/// The scalars a blocked policy's blocks share (0 for a policy that needs none).
+template <class P>
+Index shared_scalars_of(const P& p, Index n_q, Index n_k, Index d_k, Index d_v) {
+  if constexpr (requires { p.shared_scalars(n_q, n_k, d_k, d_v); })
+    return p.shared_scalars(n_q, n_k, d_k, d_v);
+  else
+    return 0;
+}
+
+/// A blocked policy's forward of one head as one call: its blocks in order on this thread,
+/// their shared sums in ws (what forward() of such a policy is).
+template <class P, class S = typename P::Scalar>
+void forward_in_block_order(const P& p, ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out,
+                            typename P::Saved* saved, const HeadContext& ctx, Workspace& ws) {
+  Workspace::Frame frame(ws);
+  S* shared = ws.take<S>(shared_scalars_of(p, q.rows(), k.rows(), q.cols(), v.cols()));
+  const Index blocks = p.forward_blocks(q.rows(), k.rows(), q.cols(), v.cols(), ctx.causal);
+  for (Index b = 0; b < blocks; ++b)
+    p.forward_block(b, q, k, v, out, saved, ctx, ws, InCallOrder{}, shared);
+}
+
+/// Likewise backward (what backward() of a policy whose backward runs in blocks is).
+template <class P, class S = typename P::Scalar>
+void backward_in_block_order(const P& p, ConstView<S> q, ConstView<S> k, ConstView<S> v,
+                             ConstView<S> out, ConstView<S> d_out, const typename P::Saved& saved,
+                             View<S> d_q, View<S> d_k, View<S> d_v, const HeadContext& ctx,
+                             Workspace& ws) {
+  Workspace::Frame frame(ws);
+  S* shared = ws.take<S>(shared_scalars_of(p, q.rows(), k.rows(), q.cols(), v.cols()));
+  const Index blocks = p.backward_blocks(q.rows(), k.rows(), q.cols(), v.cols(), ctx.causal);
+  for (Index b = 0; b < blocks; ++b)
+    p.backward_block(b, q, k, v, out, d_out, saved, d_q, d_k, d_v, ctx, ws, InCallOrder{}, shared);
 }
 
 /// Whether a policy computes its keys from the queries (`static constexpr bool shared_qk`),

@@ -106,29 +106,70 @@ class Favor : public detail::favor::Pieces<S, Features> {
     // backward: its transpose, then r_state and its transpose).
     const std::size_t kept = Directions::bytes(config_.features, d_k) +
                              2 * Products::kept_bytes(f, d_v) + 2 * Products::kept_bytes(d_v, f);
-    return chunk_buffers + state + kept + W::bytes_for<S>(n_q) + W::bytes_for<S>(shifts) +
+    // A block's partial sums, and the sums a call's blocks share (forward and backward alone).
+    const std::size_t blocks = 2 * W::bytes_for<S>(f * d_v) + 2 * W::bytes_for<S>(f) +
+                               W::bytes_for<S>(d_v) +
+                               W::bytes_for<S>(shared_scalars(n_q, n_k, d_k, d_v));
+    return chunk_buffers + state + kept + blocks + W::bytes_for<S>(n_q) + W::bytes_for<S>(shifts) +
            Products::bytes(Products::capacity(p, p));
   }
 
-  void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved*,
+  /// Rows per block of a bidirectional call (4 chunks, 512 by default): AttentionCore runs the
+  /// key sums and the queries of one head as blocks of this many rows on all threads.
+  Index block_rows() const { return 4 * chunk(false); }
+
+  /// Bidirectional calls run in blocks, in this order: the key sums of each key block, merged in
+  /// block order into sums every block shares (the stabiliser shift of each block moved to the
+  /// largest); then the query blocks (forward: the output; backward: d_q and the query sums the
+  /// keys' gradients need, merged in block order); backward then the key blocks' d_k and d_v.
+  /// Blocks are fixed rows of the sequence, so the bits do not depend on the threads. Causal
+  /// calls are one block (the prefix sums run in order).
+  Index forward_blocks(Index n_q, Index n_k, Index, Index, bool causal) const {
+    return causal ? 1 : blocks_of(n_k) + blocks_of(n_q);
+  }
+  Index backward_blocks(Index n_q, Index n_k, Index, Index, bool causal) const {
+    return causal ? 1 : 2 * blocks_of(n_k) + blocks_of(n_q);
+  }
+  /// Scalars a call's blocks share: state and r_state (features × d_v), z and r_z, v_sum, shift.
+  Index shared_scalars(Index, Index, Index, Index d_v) const {
+    const Index f = feature_width();
+    return 2 * f * d_v + 2 * f + d_v + 1;
+  }
+
+  void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved* saved,
                const HeadContext& ctx, Workspace& ws) const {
+    detail::forward_in_block_order(*this, q, k, v, out, saved, ctx, ws);
+  }
+
+  template <class Order>
+  void forward_block(Index block, ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out,
+                     Saved*, const HeadContext& ctx, Workspace& ws, const Order& order,
+                     S* shared) const {
     Workspace::Frame frame(ws);
     const Index f = feature_width(), d_v = v.cols(), keys = ctx.key_length;
-    out.setZero();
-    if (keys == 0) return;
-    auto state = ws.matrix<S>(f, d_v);  // Σ K'ᵀV
-    auto z = ws.matrix<S>(1, f);        // Σ K'
     if (ctx.causal) {
+      out.setZero();
+      if (keys == 0) return;
+      auto state = ws.matrix<S>(f, d_v);  // Σ K'ᵀV
+      auto z = ws.matrix<S>(1, f);        // Σ K'
       state.setZero();
       z.setZero();
       S shift = minus_infinity;
       attend_causal(q, k, v, out, keys, ctx.head, state, z, shift, ws);
       return;
     }
-    auto v_sum = ws.matrix<S>(1, d_v);
-    sum_keys(k.topRows(keys), v.topRows(keys), ctx.head, state, z, v_sum, ws);
-    add_key_epsilon(state, z, v_sum, keys);
-    attend(q, state, z, out, ctx.head, ws);
+    const Index key_blocks = blocks_of(k.rows());
+    Shared sh(shared, f, d_v);
+    if (block < key_blocks) return sum_key_block(block, k, v, ctx, ws, order, sh);
+    order.wait(key_blocks);
+    const Index i0 = (block - key_blocks) * block_rows();
+    const Index rows = std::min(block_rows(), q.rows() - i0);
+    auto o = out.middleRows(i0, rows);
+    if (keys == 0) {
+      o.setZero();
+      return;
+    }
+    attend(q.middleRows(i0, rows), sh.state, sh.z, o, ctx.head, ws);
   }
 
   /// Incremental causal decoding in FAVOR+'s recurrent form: the state Σ φ(k)vᵀ and Σ φ(k)
@@ -150,19 +191,26 @@ class Favor : public detail::favor::Pieces<S, Features> {
   }
 
   void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
-                ConstView<S> d_out, const Saved&, View<S> d_q, View<S> d_k, View<S> d_v,
+                ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
                 const HeadContext& ctx, Workspace& ws) const {
+    detail::backward_in_block_order(*this, q, k, v, out, d_out, saved, d_q, d_k, d_v, ctx, ws);
+  }
+
+  template <class Order>
+  void backward_block(Index block, ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
+                      ConstView<S> d_out, const Saved&, View<S> d_q, View<S> d_k, View<S> d_v,
+                      const HeadContext& ctx, Workspace& ws, const Order& order, S* shared) const {
     Workspace::Frame frame(ws);
     const Index n_q = q.rows(), dv = v.cols(), f = feature_width(), keys = ctx.key_length;
-    d_q.setZero();
-    d_k.setZero();
-    d_v.setZero();
-    if (keys == 0) return;
-    auto state = ws.matrix<S>(f, dv);
-    auto z = ws.matrix<S>(1, f);
-    auto r_state = ws.matrix<S>(f, dv);  // Σ Q'ᵀ dnum over the queries that see a key
-    auto r_z = ws.matrix<S>(1, f);       // Σ Q'ᵀ dden
     if (ctx.causal) {
+      d_q.setZero();
+      d_k.setZero();
+      d_v.setZero();
+      if (keys == 0) return;
+      auto state = ws.matrix<S>(f, dv);
+      auto z = ws.matrix<S>(1, f);
+      auto r_state = ws.matrix<S>(f, dv);  // Σ Q'ᵀ dnum over the queries that see a key
+      auto r_z = ws.matrix<S>(1, f);       // Σ Q'ᵀ dden
       state.setZero();
       z.setZero();
       S* normalisers = ws.take<S>(n_q);
@@ -176,15 +224,99 @@ class Favor : public detail::favor::Pieces<S, Features> {
                            d_k, d_v, ws);
       return;
     }
-    auto v_sum = ws.matrix<S>(1, dv);
-    const S shift = sum_keys(k.topRows(keys), v.topRows(keys), ctx.head, state, z, v_sum, ws);
-    add_key_epsilon(state, z, v_sum, keys);
-    query_gradients(q, out, d_out, state, z, ctx.head, d_q, r_state, r_z, ws);
-    key_gradients(k.topRows(keys), v.topRows(keys), shift, r_state, r_z, ctx.head,
-                  d_k.topRows(keys), d_v.topRows(keys), ws);
+    const Index key_blocks = blocks_of(k.rows()), query_blocks = blocks_of(n_q);
+    const Index rows_per = block_rows();
+    Shared sh(shared, f, dv);
+    if (block < key_blocks) return sum_key_block(block, k, v, ctx, ws, order, sh);
+    if (block < key_blocks + query_blocks) {
+      order.wait(key_blocks);
+      const Index i0 = (block - key_blocks) * rows_per, rows = std::min(rows_per, n_q - i0);
+      auto r_state = ws.matrix<S>(f, dv);
+      auto r_z = ws.matrix<S>(1, f);
+      if (keys == 0) {
+        d_q.middleRows(i0, rows).setZero();
+        r_state.setZero();
+        r_z.setZero();
+      } else {
+        query_gradients(q.middleRows(i0, rows), out.middleRows(i0, rows),
+                        d_out.middleRows(i0, rows), sh.state, sh.z, ctx.head,
+                        d_q.middleRows(i0, rows), r_state, r_z, ws);
+      }
+      order([&] {
+        if (block == key_blocks) {
+          sh.r_state = r_state;
+          sh.r_z = r_z;
+        } else {
+          sh.r_state += r_state;
+          sh.r_z += r_z;
+        }
+      });
+      return;
+    }
+    order.wait(key_blocks + query_blocks);
+    const Index j0 = (block - key_blocks - query_blocks) * rows_per;
+    const Index rows = std::min(rows_per, k.rows() - j0);
+    const Index valid = std::clamp<Index>(keys - j0, 0, rows);  // padded keys: no gradient
+    key_gradients(k.middleRows(j0, valid), v.middleRows(j0, valid), *sh.shift, sh.r_state, sh.r_z,
+                  ctx.head, d_k.middleRows(j0, valid), d_v.middleRows(j0, valid), ws);
+    d_k.middleRows(j0 + valid, rows - valid).setZero();
+    d_v.middleRows(j0 + valid, rows - valid).setZero();
   }
 
  private:
+  /// The sums a call's blocks share, in the memory AttentionCore gives each (sequence, head).
+  struct Shared {
+    Shared(S* p, Index f, Index dv)
+        : state(p, f, dv),
+          r_state(p + f * dv, f, dv),
+          z(p + 2 * f * dv, 1, f),
+          r_z(p + 2 * f * dv + f, 1, f),
+          v_sum(p + 2 * f * dv + 2 * f, 1, dv),
+          shift(p + 2 * f * dv + 2 * f + dv) {}
+    Eigen::Map<Matrix<S>> state, r_state, z, r_z, v_sum;
+    S* shift;
+  };
+
+  Index blocks_of(Index n) const {
+    return std::max<Index>(1, (n + block_rows() - 1) / block_rows());
+  }
+
+  /// Key block `block`: its valid keys' sums in its own frame, merged in block order into the
+  /// shared sums (in the frame of the largest shift so far); the last block adds ε.
+  template <class Order>
+  void sum_key_block(Index block, ConstView<S> k, ConstView<S> v, const HeadContext& ctx,
+                     Workspace& ws, const Order& order, Shared& sh) const {
+    Workspace::Frame frame(ws);
+    const Index f = feature_width(), dv = v.cols(), rows_per = block_rows();
+    const Index j0 = block * rows_per, rows = std::min(rows_per, k.rows() - j0);
+    const Index valid = std::clamp<Index>(ctx.key_length - j0, 0, rows);
+    auto state = ws.matrix<S>(f, dv);
+    auto z = ws.matrix<S>(1, f);
+    auto v_sum = ws.matrix<S>(1, dv);
+    const S shift =
+        sum_keys(k.middleRows(j0, valid), v.middleRows(j0, valid), ctx.head, state, z, v_sum, ws);
+    order([&] {
+      if (block == 0 || *sh.shift == minus_infinity) {
+        sh.state = state;
+        sh.z = z;
+        if (block == 0)
+          sh.v_sum = v_sum;
+        else
+          sh.v_sum += v_sum;
+        *sh.shift = shift;
+      } else if (shift != minus_infinity) {
+        const S top = std::max(*sh.shift, shift);
+        const S a = std::exp(*sh.shift - top), c = std::exp(shift - top);
+        sh.state = a * sh.state + c * state;
+        sh.z = a * sh.z + c * z;
+        sh.v_sum += v_sum;
+        *sh.shift = top;
+      }
+      if (block == blocks_of(k.rows()) - 1)
+        add_key_epsilon(sh.state, sh.z, sh.v_sum, ctx.key_length);
+    });
+  }
+
   using Base::config_;
   using Base::largest_chunk;
   using Base::layout_;

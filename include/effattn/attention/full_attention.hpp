@@ -122,6 +122,12 @@ class FullAttention {
             config_.key_tile > 0 ? config_.key_tile : 384};
   }
 
+  /// Rows of a query tile: AttentionCore splits a head's queries into whole tiles.
+  Index query_grain(Index d_k, Index d_v) const {
+    if constexpr (packed) return packed_tiles().query;
+    return tiles(d_k, d_v).query;
+  }
+
   std::size_t scratch_bytes(Index n_q, Index n_k, Index d_k, Index d_v) const {
     const Tiles t = tiles(d_k, d_v);
     const Index br = std::min(t.query, n_q), bc = std::min(t.key, n_k);
@@ -140,21 +146,35 @@ class FullAttention {
   /// Incremental causal decoding: the keys and values of the tokens decoded so far (a KV
   /// cache), grown by doubling. decode() appends the new tokens' keys and values and attends
   /// their queries to every cached key up to their own position, exactly as the causal
-  /// forward over the whole sequence would (cost O(m·length·d) for m new tokens).
+  /// forward over the whole sequence would (cost O(m·length·d) for m new tokens). A few new
+  /// tokens against a long cache run in blocks of decode_block_keys cached keys, one task each,
+  /// merged in block order by their log-sum-exp (flash decoding): the threads share a head.
   struct DecodeState {
     Matrix<S> k, v;
     Index length = 0;
+    RowVector<S> lse;  ///< the new rows' running log-sum-exp while blocks merge
     std::size_t bytes() const { return sizeof(S) * std::size_t(k.size() + v.size()); }
   };
+  /// Cached keys per decode block.
+  static constexpr Index decode_block_keys = 2048;
   DecodeState decode_state(Index /*head*/, Index d_k, Index d_v) const {
-    return {Matrix<S>(0, d_k), Matrix<S>(0, d_v), 0};
+    return {Matrix<S>(0, d_k), Matrix<S>(0, d_v), 0, {}};
   }
   std::size_t decode_scratch_bytes(Index m, Index length, Index d_k, Index d_v) const {
-    return scratch_bytes(m, length + m, d_k, d_v);
+    return scratch_bytes(m, length + m, d_k, d_v) + Workspace::bytes_for<S>(m * d_v) +
+           Workspace::bytes_for<S>(m) + Workspace::bytes_for<S>(decode_block_keys);
   }
-  void decode(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Index head,
-              DecodeState& st, Workspace& ws) const {
-    const Index m = q.rows(), n = st.length + m;
+  /// Blocks of a decode of m new tokens that makes the cache n long: the cache in blocks of
+  /// decode_block_keys when the new tokens are few (at most decode_few_queries), else one (the
+  /// forward's kernel: the queries are many, and one task per head keeps the cores busy).
+  static constexpr Index decode_few_queries = 8;
+  Index decode_blocks(Index m, Index n) const {
+    if (m > decode_few_queries) return 1;
+    return std::max<Index>(1, (n + decode_block_keys - 1) / decode_block_keys);
+  }
+  /// Appends the new tokens' keys and values to the cache (before any block runs).
+  void decode_append(ConstView<S> k, ConstView<S> v, DecodeState& st) const {
+    const Index m = k.rows(), n = st.length + m;
     if (st.k.rows() < n) {
       const Index rows = std::max<Index>({n, 2 * st.k.rows(), 16});
       st.k.conservativeResize(rows, Eigen::NoChange);
@@ -163,12 +183,65 @@ class FullAttention {
     st.k.middleRows(st.length, m) = k;
     st.v.middleRows(st.length, m) = v;
     st.length = n;
+    st.lse.resize(m);
+  }
+  /// Block `block` of decode_blocks(m, st.length) after decode_append: the new queries q against
+  /// its cached keys, merged into out inside merge(step), which runs the blocks' steps in block
+  /// order.
+  template <class Merge>
+  void decode_block(Index block, ConstView<S> q, View<S> out, Index head, DecodeState& st,
+                    Workspace& ws, Merge&& merge) const {
+    const Index m = q.rows(), n = st.length, blocks = decode_blocks(m, n);
     HeadContext ctx;
     ctx.head = head;
     ctx.key_length = n;
     ctx.causal_shift = n - m;
     ctx.causal = true;
-    forward(q, st.k.topRows(n), st.v.topRows(n), out, nullptr, ctx, ws);
+    if (blocks == 1) {
+      merge([&] { forward(q, st.k.topRows(n), st.v.topRows(n), out, nullptr, ctx, ws); });
+      return;
+    }
+    const Index j0 = block * decode_block_keys, cols = std::min(decode_block_keys, n - j0);
+    ctx.key_length = cols;
+    ctx.causal_shift = n - m - j0;  // query i sees the block's key j iff j0 + j ≤ n − m + i
+    Workspace::Frame frame(ws);
+    auto o = ws.matrix<S>(m, out.cols());
+    S* lse = ws.take<S>(m);
+    S* logits = ws.take<S>(cols);
+    const S s = scale(q.cols());
+    const auto kb = st.k.middleRows(j0, cols);
+    const auto vb = st.v.middleRows(j0, cols);
+    // A few queries read the block's keys and values in place, once (a product with a vector
+    // per query; nothing is packed): decoding is bound by reading the cache.
+    for (Index i = 0; i < m; ++i) {
+      const Index seen = ctx.key_end(i);
+      if (seen == 0) {  // the row sees no key of this block
+        o.row(i).setZero();
+        lse[i] = std::numeric_limits<S>::infinity();
+        continue;
+      }
+      Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, 1>> p(logits, seen);
+      p.noalias() = s * (kb.topRows(seen) * q.row(i).transpose());
+      const S top = detail::max_of(logits, seen);
+      const S sum = detail::exp_shifted_sum(logits, seen, top);
+      o.row(i).noalias() = p.transpose() * vb.topRows(seen);
+      o.row(i) *= sum == S(0) ? S(0) : S(1) / sum;
+      lse[i] = detail::row_logsumexp(top, sum);
+    }
+    merge([&] {
+      if (block == 0) {
+        out.setZero();
+        st.lse.setConstant(-std::numeric_limits<S>::infinity());
+      }
+      detail::merge_softmax_rows(out, o, st.lse.data(), lse, m);
+    });
+  }
+  void decode(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Index head,
+              DecodeState& st, Workspace& ws) const {
+    decode_append(k, v, st);
+    const Index blocks = decode_blocks(q.rows(), st.length);
+    for (Index b = 0; b < blocks; ++b)
+      decode_block(b, q, out, head, st, ws, detail::InCallOrder{});
   }
 
   S scale(Index d_k) const {
@@ -232,15 +305,42 @@ class FullAttention {
     }
   }
 
+  /// Backward runs in blocks of keys (the packed float kernel; one block otherwise), so that the
+  /// threads share one head: see backward_block and detail::full::packed_backward_blocks.
+  Index backward_blocks(Index /*n_q*/, Index n_k, Index /*d_k*/, Index /*d_v*/, bool causal) const {
+    if constexpr (packed)
+      return detail::full::packed_backward_blocks(n_k, packed_backward_tiles(), causal);
+    return 1;
+  }
+
   void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
                 ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
                 const HeadContext& ctx, Workspace& ws) const {
+    detail::backward_in_block_order(*this, q, k, v, out, d_out, saved, d_q, d_k, d_v, ctx, ws);
+  }
+
+  /// Block `block` of backward_blocks(): overwrites its keys' rows of d_k and d_v, and adds its
+  /// part of d_q inside merge(step), which runs the blocks' steps in block order (the first
+  /// block sets d_q, the last scales it), so d_q has the same bits whatever thread runs which.
+  template <class Merge>
+  void backward_block(Index block, ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
+                      ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
+                      const HeadContext& ctx, Workspace& ws, Merge&& merge,
+                      S* /*shared: none*/) const {
     if constexpr (packed) {
-      detail::full::packed_backward(
-          q, k, v, out, d_out, saved.lse.data() + ctx.query_offset, d_q, d_k, d_v, scale(q.cols()),
-          ctx.key_length, [&](Index i) { return ctx.key_end(i); }, packed_backward_tiles(), ws);
+      detail::full::packed_backward_block(
+          block, q, k, v, out, d_out, saved.lse.data() + ctx.query_offset, d_q, d_k, d_v,
+          scale(q.cols()), ctx.key_length, [&](Index i) { return ctx.key_end(i); },
+          packed_backward_tiles(), ctx.causal, ws, merge);
       return;
     }
+    merge([&] { eigen_backward(q, k, v, out, d_out, saved, d_q, d_k, d_v, ctx, ws); });
+  }
+
+ private:
+  void eigen_backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
+                      ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
+                      const HeadContext& ctx, Workspace& ws) const {
     const Index n_q = q.rows(), n_k = k.rows(), dk = q.cols();
     const auto [br, bc] = tiles(dk, v.cols());
     const S s = scale(dk);
@@ -286,7 +386,6 @@ class FullAttention {
     d_q *= s;
   }
 
- private:
   struct TileRange {
     Index key_stop;      // keys [0, key_stop) are visible to some row of the tile
     Index unmasked_end;  // keys [0, unmasked_end) are visible to every row of the tile

@@ -1,14 +1,17 @@
 #pragma once
-// The library's one parallel loop. With OpenMP it runs on a team of threads; without,
-// the pragmas vanish and the same code runs serially. parallel_for needs no omp.h: its body
-// is identical in every translation unit, only the pragma differs. The one exception is
-// EigenSingleThreadScope below, which must talk to the OpenMP runtime; the effattn target
-// carries OpenMP to every translation unit that uses it, so they all see the same body.
+// The library's one parallel loop, and the ordering of the blocks of one head that its tasks
+// merge. With OpenMP it runs on a team of threads; without, the pragmas vanish and the same
+// code runs serially. max_threads and EigenSingleThreadScope ask the OpenMP runtime; the
+// effattn target carries OpenMP to every translation unit that uses it, so they all see the
+// same bodies.
 
 #include <algorithm>
 #include <atomic>
+#include <cassert>
 #include <exception>
+#include <memory>
 #include <mutex>
+#include <thread>
 
 #include "effattn/core/types.hpp"
 
@@ -18,12 +21,16 @@
 
 namespace effattn {
 
-/// Threads a parallel region would get here (1 without OpenMP or inside a parallel region).
+/// Threads a parallel region would get here (1 without OpenMP or where no more levels of
+/// parallelism may open, e.g. inside a parallel region with nesting off). Asked of the runtime,
+/// not found by starting a team: a call that decodes one token costs microseconds.
 inline int max_threads() {
-  std::atomic<int> count{0};
-#pragma omp parallel
-  { count.fetch_add(1, std::memory_order_relaxed); }
-  return std::max(1, count.load());
+#ifdef _OPENMP
+  if (omp_get_active_level() >= omp_get_max_active_levels()) return 1;
+  return std::max(1, omp_get_max_threads());
+#else
+  return 1;
+#endif
 }
 
 /// How parallel_for hands out tasks. `dynamic`: one at a time to whichever thread is free
@@ -39,6 +46,11 @@ template <class Body>
 void parallel_for(Index count, int threads, Body&& body, Schedule schedule = Schedule::dynamic) {
   if (count <= 0) return;
   threads = static_cast<int>(std::clamp<Index>(count, 1, std::max(threads, 1)));
+  if (threads == 1) {  // no team to start: the tasks in order, on this thread
+    for (Index task = 0; task < count; ++task)
+      body(task, 0);
+    return;
+  }
   std::atomic<int> next_slot{0};
   std::atomic<Index> next_task{0};
   std::atomic<bool> failed{false};
@@ -70,6 +82,99 @@ void parallel_for(Index count, int threads, Body&& body, Schedule schedule = Sch
 }
 
 namespace detail {
+
+/// Steps of several chains run in a fixed order whichever threads run them: step s of chain c
+/// runs after step s − 1 of c has run. This is how the blocks of one head merge their partial
+/// results (a gradient summed over key blocks, a softmax merged over cache blocks) in block
+/// order, so that the result has the same bits for every thread count, without a buffer per
+/// block: each block merges from its thread's scratch as soon as its predecessor has merged.
+/// Use it inside parallel_for with Schedule::dynamic and tasks numbered in step order within a
+/// chain: a task is handed out only after every earlier task, so a step waits only for a step
+/// that is running or done. Number them step-major (task = step · chains + chain): a step's
+/// predecessor was then handed out a whole round of chains earlier, and is seldom still running. A
+/// task that throws calls abandon(), and every wait then ends (the merge skipped; parallel_for
+/// rethrows the error).
+class OrderedSteps {
+ public:
+  OrderedSteps() = default;
+  // Copies start empty: the turns belong to a call, not to the object that holds them.
+  OrderedSteps(const OrderedSteps&) {}
+  OrderedSteps& operator=(const OrderedSteps&) { return *this; }
+
+  /// `chains` chains, each at step 0. Call before the parallel region (it may allocate).
+  void reset(Index chains) {
+    if (chains > capacity_) {
+      turns_ = std::make_unique<std::atomic<Index>[]>(static_cast<std::size_t>(chains));
+      capacity_ = chains;
+    }
+    for (Index c = 0; c < chains; ++c)
+      turns_[static_cast<std::size_t>(c)].store(0, std::memory_order_relaxed);
+    abandoned_.store(false);
+  }
+
+  /// Waits until step `step` of chain `chain` is due, runs merge(), and makes step + 1 due.
+  template <class Merge>
+  void run(Index chain, Index step, Merge&& merge) {
+    auto& turn = turns_[static_cast<std::size_t>(chain)];
+    while (turn.load(std::memory_order_acquire) != step) {
+      if (abandoned_.load(std::memory_order_relaxed)) return;
+      std::this_thread::yield();
+    }
+    assert(turn.load() == step);
+    struct Pass {  // the next step is due even if merge() throws
+      std::atomic<Index>& turn;
+      ~Pass() { turn.fetch_add(1, std::memory_order_release); }
+    } pass{turn};
+    merge();
+  }
+
+  /// Waits until `count` steps of chain `chain` have run (a task that reads what they merged).
+  void wait(Index chain, Index count) const {
+    const auto& turn = turns_[static_cast<std::size_t>(chain)];
+    while (turn.load(std::memory_order_acquire) < count &&
+           !abandoned_.load(std::memory_order_relaxed))
+      std::this_thread::yield();
+  }
+
+  /// Ends every wait: a task failed, and the steps after it will not run.
+  void abandon() { abandoned_.store(true); }
+
+ private:
+  std::unique_ptr<std::atomic<Index>[]> turns_;
+  Index capacity_ = 0;
+  std::atomic<bool> abandoned_{false};
+};
+
+/// What a block task of a policy is handed to order itself within its (sequence, head): call it
+/// with a function to run that function as the block's step, after the steps of the blocks
+/// before it (a merge into what the blocks share); wait(n) waits until the first n blocks have
+/// run their steps (a later stage that reads what they merged). Blocks are numbered in the order
+/// of their steps. A block that merges nothing need not run a step when no block after it runs
+/// one or waits past it.
+class StepOrder {
+ public:
+  StepOrder(OrderedSteps& steps, Index chain, Index step)
+      : steps_(&steps), chain_(chain), step_(step) {}
+  template <class Merge>
+  void operator()(Merge&& merge) const {
+    steps_->run(chain_, step_, merge);
+  }
+  void wait(Index count) const { steps_->wait(chain_, count); }
+
+ private:
+  OrderedSteps* steps_;
+  Index chain_, step_;
+};
+
+/// The StepOrder of blocks run one after another by one thread, in block order: each step runs
+/// at once and every wait is already over.
+struct InCallOrder {
+  template <class Merge>
+  void operator()(Merge&& merge) const {
+    merge();
+  }
+  void wait(Index) const {}
+};
 
 /// A mutex that copies as a fresh mutex, so that objects guarding a gradient or a cache with one
 /// stay copyable.

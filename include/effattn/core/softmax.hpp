@@ -111,4 +111,26 @@ S row_logsumexp(S m, S sum) {
   return sum == S(0) ? std::numeric_limits<S>::infinity() : m + std::log(sum);
 }
 
+/// The library's one merge of partial softmax attention (decoding's cache blocks, ring
+/// attention's key shards): rows of `out` hold attention normalised over the keys merged so far,
+/// whose log-sum-exp is lse (−∞: none yet, out's row then ignored); rows of `o` the attention
+/// over another set of keys, log-sum-exp l (+∞: the row saw none of them). Afterwards out and lse
+/// are those of both sets together. The order of merges decides the rounding: callers merge in a
+/// fixed order for reproducible bits.
+template <class S, class Out, class O>
+void merge_softmax_rows(Out&& out, const O& o, S* lse, const S* l, Index rows) {
+  for (Index r = 0; r < rows; ++r) {
+    if (l[r] == std::numeric_limits<S>::infinity()) continue;
+    if (lse[r] == -std::numeric_limits<S>::infinity()) {
+      out.row(r) = o.row(r);
+      lse[r] = l[r];
+      continue;
+    }
+    const S top = std::max(lse[r], l[r]);
+    const S a = std::exp(lse[r] - top), c = std::exp(l[r] - top), sum = a + c;
+    out.row(r) = (a / sum) * out.row(r) + (c / sum) * o.row(r);
+    lse[r] = top + std::log(sum);
+  }
+}
+
 }  // namespace effattn::detail

@@ -18,6 +18,7 @@
 #include "effattn/core/error.hpp"
 #include "effattn/core/parallel.hpp"
 #include "effattn/core/sequence_shape.hpp"
+#include "effattn/core/softmax.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace_pool.hpp"
 #include "effattn/mpi/communicator.hpp"
@@ -123,8 +124,9 @@ class RingAttention {
                          kj.block(b * n_j + p.k_row, head * dk, p.nk, dk),
                          vj.block(b * n_j + p.k_row, head * dv, p.nk, dv), o, &sl.saved,
                          p.ctx(head), pool_[slot]);
-          combine(out.block(b * n_r + p.q_row, head * dv, p.nq, dv), o,
-                  lse_.data() + (b * h + head) * n_r + p.q_row, sl.saved.lse.data(), p.nq);
+          effattn::detail::merge_softmax_rows(out.block(b * n_r + p.q_row, head * dv, p.nq, dv), o,
+                                              lse_.data() + (b * h + head) * n_r + p.q_row,
+                                              sl.saved.lse.data(), p.nq);
         });
       });
       exchange.wait();
@@ -233,23 +235,6 @@ class RingAttention {
         k_row += ks.length;
       }
       q_row += qs.length;
-    }
-  }
-
-  // out, lse ← the log-sum-exp combination of (out, lse) and a block's (o, l); l = +∞ marks a
-  // row that saw no key of the block.
-  static void combine(View<S> out, ConstView<S> o, S* lse, const S* l, Index rows) {
-    for (Index r = 0; r < rows; ++r) {
-      if (l[r] == std::numeric_limits<S>::infinity()) continue;
-      if (lse[r] == -std::numeric_limits<S>::infinity()) {
-        out.row(r) = o.row(r);
-        lse[r] = l[r];
-        continue;
-      }
-      const S top = std::max(lse[r], l[r]);
-      const S a = std::exp(lse[r] - top), c = std::exp(l[r] - top), sum = a + c;
-      out.row(r) = (a / sum) * out.row(r) + (c / sum) * o.row(r);
-      lse[r] = top + std::log(sum);
     }
   }
 

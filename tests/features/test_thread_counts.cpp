@@ -1,0 +1,205 @@
+// Every policy gives the same bits at 1, 2, 3 and 7 threads: forward and backward, with
+// padding, both maskings and block counts that do not divide the sequence.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <vector>
+
+#include "effattn/effattn.hpp"
+#include "reference.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+using namespace effattn;
+
+namespace {
+
+template <class S>
+struct Result {
+  Matrix<S> out, dq, dk, dv;
+  Index forward_tasks = 0, backward_tasks = 0;
+};
+
+// One head is the case the threads must share: 1 sequence × 1 head, and 2 sequences × 2 heads
+// of which one is padded.
+template <class Core, class S = typename Core::Scalar>
+Result<S> run(Core& core, const SequenceShape& shape, Index d, int threads) {
+#ifdef _OPENMP
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(threads);
+#else
+  (void)threads;
+#endif
+  const Index rows = shape.tokens(), width = core.layout().heads * d;
+  Matrix<S> q(rows, width), k(rows, width), v(rows, width), d_out(rows, width);
+  CounterRng(11).fill_normal(q);
+  CounterRng(12).fill_normal(k);
+  CounterRng(13).fill_normal(v);
+  CounterRng(14).fill_normal(d_out);
+  Result<S> r{Matrix<S>(rows, width), Matrix<S>(rows, width), Matrix<S>(rows, width),
+              Matrix<S>(rows, width)};
+  core.forward(q, k, v, r.out, shape, shape, true);
+  r.forward_tasks = core.last_tasks();
+  core.backward(q, k, v, r.out, d_out, r.dq, r.dk, r.dv, shape, shape);
+  r.backward_tasks = core.last_tasks();
+#ifdef _OPENMP
+  omp_set_num_threads(saved);
+#endif
+  return r;
+}
+
+// Bitwise equality, without printing the matrices when it fails.
+template <class S>
+bool same_bits(const Matrix<S>& a, const Matrix<S>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() && (a.array() == b.array()).all();
+}
+
+template <class Policy, class Masking>
+void same_bits_at_every_thread_count(typename Policy::Config config, Index d) {
+  for (const auto& shape : {SequenceShape{1, 900}, SequenceShape{2, 900, {900, 701}}}) {
+    const Index heads = shape.batch;
+    AttentionCore<Policy, Masking> core(config, HeadLayout{heads, d, d, 7});
+    const auto one = run(core, shape, d, 1);
+    REQUIRE(one.out.allFinite());
+    REQUIRE(one.dq.allFinite());
+    REQUIRE(!one.dq.isZero());
+    for (const int threads : {2, 3, 7}) {
+      CAPTURE(Policy::name, Masking::causal, shape.batch, threads);
+      const auto many = run(core, shape, d, threads);
+      CHECK(same_bits(many.out, one.out));
+      CHECK(same_bits(many.dq, one.dq));
+      CHECK(same_bits(many.dk, one.dk));
+      CHECK(same_bits(many.dv, one.dv));
+    }
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("Every policy gives the same bits at 1, 2, 3 and 7 threads",
+                   "[threads][determinism]", Bidirectional, Causal) {
+  using Masking = TestType;
+  same_bits_at_every_thread_count<FullAttention<float>, Masking>({}, 16);
+  same_bits_at_every_thread_count<FullAttention<double>, Masking>({}, 16);
+  same_bits_at_every_thread_count<Favor<float>, Masking>({.features = 32}, 16);
+  same_bits_at_every_thread_count<LSHAttention<float>, Masking>({.chunk = 32, .rounds = 2}, 16);
+  if constexpr (!Masking::causal)
+    same_bits_at_every_thread_count<LowRank<float>, Masking>(
+        {.projection = {.k = 32, .n_max = 900}}, 16);
+}
+
+TEST_CASE("A lone head's backward is split into key blocks that all threads share", "[threads]") {
+  // 900 keys in tiles of 384: three blocks, the last short; causal pairs an early tile with a
+  // late one, two blocks.
+  AttentionCore<FullAttention<float>> core({}, HeadLayout{1, 16, 16, 0});
+  const auto r = run(core, SequenceShape{1, 900}, 16, 2);
+  CHECK(r.backward_tasks == 3);
+  CHECK(r.forward_tasks >= 2);
+  AttentionCore<FullAttention<float>, Causal> causal({}, HeadLayout{1, 16, 16, 0});
+  CHECK(run(causal, SequenceShape{1, 900}, 16, 2).backward_tasks == 2);
+}
+
+TEST_CASE("Split backward equals the double-precision reference", "[threads][full]") {
+  // Key blocks that padding ends inside, or wholly covers, and a causal diagonal that crosses
+  // block boundaries: every gradient against the naive reference.
+  for (const bool causal : {false, true}) {
+    const SequenceShape shape{2, 800, {800, 390}};
+    const Index d = 8, heads = 1;
+    Matrix<float> q(shape.tokens(), d), k = q, v = q, d_out = q;
+    CounterRng(1).fill_normal(q);
+    CounterRng(2).fill_normal(k);
+    CounterRng(3).fill_normal(v);
+    CounterRng(4).fill_normal(d_out);
+    Matrix<float> out = q, dq = q, dk = q, dv = q;
+    for (const int threads : {1, 3}) {
+#ifdef _OPENMP
+      const int saved = omp_get_max_threads();
+      omp_set_num_threads(threads);
+#endif
+      if (causal) {
+        AttentionCore<FullAttention<float>, Causal> core({}, HeadLayout{heads, d, d, 0});
+        core.forward(q, k, v, out, shape, shape, true);
+        core.backward(q, k, v, out, d_out, dq, dk, dv, shape, shape);
+      } else {
+        AttentionCore<FullAttention<float>> core({}, HeadLayout{heads, d, d, 0});
+        core.forward(q, k, v, out, shape, shape, true);
+        core.backward(q, k, v, out, d_out, dq, dk, dv, shape, shape);
+      }
+#ifdef _OPENMP
+      omp_set_num_threads(saved);
+#endif
+      for (Index b = 0; b < shape.batch; ++b) {
+        CAPTURE(causal, threads, b);
+        const Index n = shape.seq, valid = shape.valid_length(b);
+        const auto rows = [&](const Matrix<float>& m) {
+          return reference::MatD(m.middleRows(b * n, n).cast<double>());
+        };
+        const auto grads = reference::attention_backward(
+            rows(q), rows(k), rows(v), rows(d_out), 1.0 / std::sqrt(double(d)),
+            reference::Mask{.causal = causal, .key_length = valid});
+        // Valid rows against the reference; padded keys get no gradient.
+        CHECK(reference::relative_error(rows(dq).topRows(valid), grads.dq.topRows(valid)) < 1e-4);
+        CHECK(reference::relative_error(rows(dk).topRows(valid), grads.dk.topRows(valid)) < 1e-4);
+        CHECK(reference::relative_error(rows(dv).topRows(valid), grads.dv.topRows(valid)) < 1e-4);
+        CHECK(rows(dk).bottomRows(n - valid).isZero());
+        CHECK(rows(dv).bottomRows(n - valid).isZero());
+      }
+    }
+  }
+}
+
+TEST_CASE("Decoding splits a long cache into blocks: the same bits at every thread count",
+          "[threads][decoding]") {
+  // 2 sequences × 2 heads; 4500 tokens prefilled (one block: many queries), then 1 and 3 new
+  // tokens against 4501 and 4504 keys: three blocks of 2048 keys each, merged in block order.
+  const Index batch = 2, heads = 2, d = 16, width = heads * d, prefix = 4500;
+  const Index steps[] = {prefix, 1, 3};
+  const Index total = prefix + 4;
+  Matrix<float> q(batch * total, width), k = q, v = q;
+  CounterRng(1).fill_normal(q);
+  CounterRng(2).fill_normal(k);
+  CounterRng(3).fill_normal(v);
+  // The rows of step s (tokens [t0, t0 + m) of every sequence), sequence b at rows b·m.
+  const auto rows_of = [&](const Matrix<float>& x, Index t0, Index m) {
+    Matrix<float> r(batch * m, width);
+    for (Index b = 0; b < batch; ++b)
+      r.middleRows(b * m, m) = x.middleRows(b * total + t0, m);
+    return r;
+  };
+  AttentionCore<FullAttention<float>, Causal> core({}, HeadLayout{heads, d, d, 0});
+  CHECK(core.policy().decode_blocks(3, prefix + 4) == 3);
+  std::vector<Matrix<float>> first;
+  for (const int threads : {1, 2, 3, 7}) {
+    CAPTURE(threads);
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+#endif
+    auto decoder = core.start_decoding(batch);
+    std::vector<Matrix<float>> outs;
+    Index t0 = 0;
+    for (const Index m : steps) {
+      Matrix<float> out(batch * m, width);
+      core.decode(rows_of(q, t0, m), rows_of(k, t0, m), rows_of(v, t0, m), out, decoder);
+      outs.push_back(out);
+      t0 += m;
+    }
+    CHECK(core.last_tasks() == batch * heads * 3);
+#ifdef _OPENMP
+    omp_set_num_threads(saved);
+#endif
+    if (first.empty()) {
+      first = outs;
+      continue;
+    }
+    for (std::size_t s = 0; s < outs.size(); ++s)
+      CHECK(same_bits(outs[s], first[s]));
+  }
+  // And the values of the causal forward over the whole sequences.
+  Matrix<float> whole(batch * total, width);
+  core.forward(q, k, v, whole, {batch, total}, {batch, total}, false);
+  CHECK(reference::relative_error(first[1], rows_of(whole, prefix, 1)) < 1e-5);
+  CHECK(reference::relative_error(first[2], rows_of(whole, prefix + 1, 3)) < 1e-5);
+}
