@@ -125,23 +125,17 @@ class AttentionCore {
       const Index blocks = std::max<Index>(1, policy_.forward_blocks(n_q, n_k, dk, dv, causal));
       const Index share = shared_scalars(n_q, n_k, dk, dv);
       shared_.resize(static_cast<std::size_t>(problems * share));
-      steps_.reset(problems);
-      last_tasks_ = problems * blocks;
-      parallel_for(problems * blocks, threads, [&](Index task, int slot) {
-        const Index problem = task % problems, block = task / problems;
-        const Index b = problem / h, head = problem % h;
-        auto* saved = keep_saved ? &saved_[static_cast<std::size_t>(problem)] : nullptr;
-        try {
-          policy_.forward_block(
-              block, q.block(b * n_q, head * dk, n_q, dk), k.block(b * n_k, head * dk, n_k, dk),
-              v.block(b * n_k, head * dv, n_k, dv), out.block(b * n_q, head * dv, n_q, dv), saved,
-              context(b, head, 0, q_shape, kv_shape), pool_[slot],
-              detail::StepOrder(steps_, problem, block), shared_.data() + problem * share);
-        } catch (...) {
-          steps_.abandon();
-          throw;
-        }
-      });
+      run_blocks(problems, blocks, threads,
+                 [&](Index problem, Index block, int slot, const detail::StepOrder& order) {
+                   const Index b = problem / h, head = problem % h;
+                   auto* saved = keep_saved ? &saved_[static_cast<std::size_t>(problem)] : nullptr;
+                   policy_.forward_block(block, q.block(b * n_q, head * dk, n_q, dk),
+                                         k.block(b * n_k, head * dk, n_k, dk),
+                                         v.block(b * n_k, head * dv, n_k, dv),
+                                         out.block(b * n_q, head * dv, n_q, dv), saved,
+                                         context(b, head, 0, q_shape, kv_shape), pool_[slot], order,
+                                         shared_.data() + problem * share);
+                 });
     } else {
       last_tasks_ = problems * splits;
       parallel_for(problems * splits, threads, [&](Index task, int slot) {
@@ -206,41 +200,36 @@ class AttentionCore {
     Index blocks = 1;
     if constexpr (blocked)
       blocks = std::max<Index>(1, policy_.backward_blocks(n_q, n_k, dkw, dvw, causal));
-    last_tasks_ = problems * blocks;
     const Index share = shared_scalars(n_q, n_k, dkw, dvw);
+    if constexpr (blocked) shared_.resize(static_cast<std::size_t>(problems * share));
+    const auto run = [&](Index problem, Index block, int slot, const auto& order) {
+      (void)block;  // a policy without blocks has one, and no order
+      (void)order;
+      const Index b = problem / h, head = problem % h;
+      const auto qb = [&](auto& m, Index w) { return m.block(b * n_q, head * w, n_q, w); };
+      const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
+      HeadContext ctx = context(b, head, 0, q_shape, kv_shape);
+      ctx.worker = slot;
+      const auto& saved = saved_[static_cast<std::size_t>(problem)];
+      if constexpr (blocked)
+        policy_.backward_block(block, qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw),
+                               qb(d_out, dvw), saved, qb(dq, dkw), kb(dk, dkw), kb(dv, dvw), ctx,
+                               pool_[slot], order, shared_.data() + problem * share);
+      else
+        policy_.backward(qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw), qb(d_out, dvw), saved,
+                         qb(dq, dkw), kb(dk, dkw), kb(dv, dvw), ctx, pool_[slot]);
+    };
     if constexpr (blocked) {
-      steps_.reset(problems);
-      shared_.resize(static_cast<std::size_t>(problems * share));
+      run_blocks(problems, blocks, threads, run);
+    } else {
+      // A policy that reduces shared parameters' gradients per worker needs the fixed schedule.
+      if constexpr (reduces) policy_.begin_backward(threads, n_k);
+      last_tasks_ = problems;
+      parallel_for(
+          problems, threads,
+          [&](Index problem, int slot) { run(problem, 0, slot, detail::InCallOrder{}); },
+          reduces ? Schedule::fixed : Schedule::dynamic);
     }
-    if constexpr (reduces) policy_.begin_backward(threads, n_k);
-    parallel_for(
-        problems * blocks, threads,
-        [&](Index task, int slot) {
-          // Block-major: the blocks a block waits for (its problem's earlier ones) were handed
-          // out a whole round of problems before it, and the heavy first blocks go first.
-          const Index problem = task % problems, block = task / problems;
-          const Index b = problem / h, head = problem % h;
-          const auto qb = [&](auto& m, Index w) { return m.block(b * n_q, head * w, n_q, w); };
-          const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
-          HeadContext ctx = context(b, head, 0, q_shape, kv_shape);
-          ctx.worker = slot;
-          const auto& saved = saved_[static_cast<std::size_t>(problem)];
-          if constexpr (blocked) {
-            try {
-              policy_.backward_block(block, qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw),
-                                     qb(d_out, dvw), saved, qb(dq, dkw), kb(dk, dkw), kb(dv, dvw),
-                                     ctx, pool_[slot], detail::StepOrder(steps_, problem, block),
-                                     shared_.data() + problem * share);
-            } catch (...) {
-              steps_.abandon();
-              throw;
-            }
-          } else {
-            policy_.backward(qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw), qb(d_out, dvw),
-                             saved, qb(dq, dkw), kb(dk, dkw), kb(dv, dvw), ctx, pool_[slot]);
-          }
-        },
-        reduces ? Schedule::fixed : Schedule::dynamic);
     if constexpr (reduces) policy_.end_backward();
   }
 
@@ -313,21 +302,13 @@ class AttentionCore {
                               state(problem));
       });
       const Index blocks = std::max<Index>(1, policy_.decode_blocks(m, d.length + m));
-      last_tasks_ = d.batch * h * blocks;
-      steps_.reset(d.batch * h);
-      parallel_for(d.batch * h * blocks, threads, [&](Index task, int slot) {
-        const Index problem = task % (d.batch * h), block = task / (d.batch * h);
-        const Index b = problem / h, head = problem % h;
-        try {
-          policy_.decode_block(block, q.block(b * m, head * dk, m, dk),
-                               out.block(b * m, head * dv, m, dv), head, state(problem),
-                               pool_[slot],
-                               [&](auto&& merge) { steps_.run(problem, block, merge); });
-        } catch (...) {
-          steps_.abandon();
-          throw;
-        }
-      });
+      run_blocks(d.batch * h, blocks, threads,
+                 [&](Index problem, Index block, int slot, const detail::StepOrder& order) {
+                   const Index b = problem / h, head = problem % h;
+                   policy_.decode_block(block, q.block(b * m, head * dk, m, dk),
+                                        out.block(b * m, head * dv, m, dv), head, state(problem),
+                                        pool_[slot], order);
+                 });
     } else {
       last_tasks_ = d.batch * h;
       parallel_for(d.batch * h, threads, [&](Index problem, int slot) {
@@ -414,6 +395,25 @@ class AttentionCore {
                       detail::concat(arg, ".lengths[", b, "]"), now.valid_length(b),
                       detail::concat("the forward's valid length, ", then.valid_length(b),
                                      " (backward needs the forward's padding)"));
+  }
+
+  // The one loop over the blocks of every problem: each (problem, block) a task, handed out
+  // block-major (a block's predecessors in its problem were handed out a whole round of
+  // problems earlier, and the heavy first blocks go first), ordered within its problem by a
+  // StepOrder; a task that throws ends every wait.
+  template <class Run>
+  void run_blocks(Index problems, Index blocks, int threads, Run&& run) {
+    steps_.reset(problems);
+    last_tasks_ = problems * blocks;
+    parallel_for(problems * blocks, threads, [&](Index task, int slot) {
+      const Index problem = task % problems, block = task / problems;
+      try {
+        run(problem, block, slot, detail::StepOrder(steps_, problem, block));
+      } catch (...) {
+        steps_.abandon();
+        throw;
+      }
+    });
   }
 
   Index shared_scalars(Index n_q, Index n_k, Index dk, Index dv) const {
