@@ -119,22 +119,27 @@ class AttentionCore {
     // order, then query blocks) gets every (problem, block) as a task, block-major, and a share
     // of memory per problem for what its blocks merge.
     constexpr bool blocked = requires(const Policy& p) {
-      { p.forward_blocks(Index{}, Index{}, Index{}, Index{}, true) } -> std::convertible_to<Index>;
+      {
+        p.forward_blocks(Index{}, Index{}, Index{}, Index{}, true, Index{})
+        } -> std::convertible_to<Index>;
     };
     if constexpr (blocked) {
-      const Index blocks = std::max<Index>(1, policy_.forward_blocks(n_q, n_k, dk, dv, causal));
+      const Index spread = std::max<Index>(1, threads / problems);
+      const Index blocks =
+          std::max<Index>(1, policy_.forward_blocks(n_q, n_k, dk, dv, causal, spread));
       const Index share = shared_scalars(n_q, n_k, dk, dv);
       shared_.resize(static_cast<std::size_t>(problems * share));
       run_blocks(problems, blocks, threads,
                  [&](Index problem, Index block, int slot, const detail::StepOrder& order) {
                    const Index b = problem / h, head = problem % h;
                    auto* saved = keep_saved ? &saved_[static_cast<std::size_t>(problem)] : nullptr;
+                   HeadContext ctx = context(b, head, 0, q_shape, kv_shape);
+                   ctx.spread = spread;
                    policy_.forward_block(block, q.block(b * n_q, head * dk, n_q, dk),
                                          k.block(b * n_k, head * dk, n_k, dk),
                                          v.block(b * n_k, head * dv, n_k, dv),
-                                         out.block(b * n_q, head * dv, n_q, dv), saved,
-                                         context(b, head, 0, q_shape, kv_shape), pool_[slot], order,
-                                         shared_.data() + problem * share);
+                                         out.block(b * n_q, head * dv, n_q, dv), saved, ctx,
+                                         pool_[slot], order, shared_.data() + problem * share);
                  });
     } else {
       last_tasks_ = problems * splits;
@@ -191,15 +196,18 @@ class AttentionCore {
     // A policy whose backward runs in blocks (FullAttention: key blocks) has each problem's
     // blocks merge their shared result in block order: the same bits for every thread count.
     constexpr bool blocked = requires(const Policy& p) {
-      { p.backward_blocks(Index{}, Index{}, Index{}, Index{}, true) } -> std::convertible_to<Index>;
+      {
+        p.backward_blocks(Index{}, Index{}, Index{}, Index{}, true, Index{})
+        } -> std::convertible_to<Index>;
     };
     static_assert(!(reduces && blocked),
                   "effattn: a policy's backward runs in blocks or reduces shared parameters' "
                   "gradients per worker, not both");
     const Index problems = q_shape.batch * h;
+    const Index spread = std::max<Index>(1, threads / problems);
     Index blocks = 1;
     if constexpr (blocked)
-      blocks = std::max<Index>(1, policy_.backward_blocks(n_q, n_k, dkw, dvw, causal));
+      blocks = std::max<Index>(1, policy_.backward_blocks(n_q, n_k, dkw, dvw, causal, spread));
     const Index share = shared_scalars(n_q, n_k, dkw, dvw);
     if constexpr (blocked) shared_.resize(static_cast<std::size_t>(problems * share));
     const auto run = [&](Index problem, Index block, int slot, const auto& order) {
@@ -210,6 +218,7 @@ class AttentionCore {
       const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
       HeadContext ctx = context(b, head, 0, q_shape, kv_shape);
       ctx.worker = slot;
+      ctx.spread = spread;
       const auto& saved = saved_[static_cast<std::size_t>(problem)];
       if constexpr (blocked)
         policy_.backward_block(block, qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw),
@@ -417,7 +426,7 @@ class AttentionCore {
   }
 
   Index shared_scalars(Index n_q, Index n_k, Index dk, Index dv) const {
-    return detail::shared_scalars_of(policy_, n_q, n_k, dk, dv);
+    return detail::shared_scalars_of(policy_, n_q, n_k, dk, dv, causal);
   }
 
   HeadContext context(Index b, Index head, Index q0, const SequenceShape& q_shape,

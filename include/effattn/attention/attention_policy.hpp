@@ -79,12 +79,12 @@ concept PolicyHasBackward = PolicyHasScalar<P> && PolicyHasSavedState<P> &&
 /// Optional: blocks, so that the threads share one head (AttentionCore finds these by name).
 /// A call's work for one (sequence, head) is a fixed sequence of blocks of the sequence, each
 /// one task, numbered so that a block's step comes after those it needs:
-///   forward_blocks(n_q, n_k, d_k, d_v, causal) → Index, and
+///   forward_blocks(n_q, n_k, d_k, d_v, causal, spread) → Index, and
 ///   forward_block(block, q, k, v, out, saved*, context, workspace, order, shared) const;
 ///   backward_blocks(…) and backward_block(block, q, k, v, out, d_out, saved, d_q, d_k, d_v,
 ///   context, workspace, order, shared) const, likewise;
-///   shared_scalars(n_q, n_k, d_k, d_v) → Index: what the blocks of one problem share (sums
-///   they merge), given to every block as `shared`;
+///   shared_scalars(n_q, n_k, d_k, d_v, causal) → Index: what the blocks of one problem share
+///   (sums they merge), given to every block as `shared`;
 ///   decode_blocks(m, n), decode_append(k, v, state) and decode_block(block, q, out, head,
 ///   state, workspace, order): decoding in blocks of the cache;
 ///   query_grain(d_k, d_v) → Index: with splits_queries, the rows a query slice is a multiple
@@ -93,7 +93,9 @@ concept PolicyHasBackward = PolicyHasScalar<P> && PolicyHasSavedState<P> &&
 /// (order(f)) and waits for the first n blocks' merges (order.wait(n)); AttentionCore hands the
 /// blocks out step-major across problems. Blocks are fixed rows of the sequence, never a share
 /// of the threads, and merges run in block order: the bits do not depend on the thread count.
-/// forward and backward must equal their blocks run in order (detail::InCallOrder).
+/// forward and backward must equal their blocks run in order (detail::InCallOrder). `spread`
+/// (also HeadContext::spread) is the threads the call has per problem: a policy may choose its
+/// blocks by it where a split costs extra work, but never so that the bits change.
 template <class P>
 concept AttentionPolicy = PolicyHasScalar<P> && PolicyStatesCapabilities<P> &&
     PolicyIsConstructible<P> && PolicyHasSavedState<P> && PolicyPlansAndChecks<P> &&
@@ -130,9 +132,9 @@ constexpr bool assert_attention_policy() {
 
 /// The scalars a blocked policy's blocks share (0 for a policy that needs none).
 template <class P>
-Index shared_scalars_of(const P& p, Index n_q, Index n_k, Index d_k, Index d_v) {
-  if constexpr (requires { p.shared_scalars(n_q, n_k, d_k, d_v); })
-    return p.shared_scalars(n_q, n_k, d_k, d_v);
+Index shared_scalars_of(const P& p, Index n_q, Index n_k, Index d_k, Index d_v, bool causal) {
+  if constexpr (requires { p.shared_scalars(n_q, n_k, d_k, d_v, causal); })
+    return p.shared_scalars(n_q, n_k, d_k, d_v, causal);
   else
     return 0;
 }
@@ -143,8 +145,9 @@ template <class P, class S = typename P::Scalar>
 void forward_in_block_order(const P& p, ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out,
                             typename P::Saved* saved, const HeadContext& ctx, Workspace& ws) {
   Workspace::Frame frame(ws);
-  S* shared = ws.take<S>(shared_scalars_of(p, q.rows(), k.rows(), q.cols(), v.cols()));
-  const Index blocks = p.forward_blocks(q.rows(), k.rows(), q.cols(), v.cols(), ctx.causal);
+  S* shared = ws.take<S>(shared_scalars_of(p, q.rows(), k.rows(), q.cols(), v.cols(), ctx.causal));
+  const Index blocks =
+      p.forward_blocks(q.rows(), k.rows(), q.cols(), v.cols(), ctx.causal, ctx.spread);
   for (Index b = 0; b < blocks; ++b)
     p.forward_block(b, q, k, v, out, saved, ctx, ws, InCallOrder{}, shared);
 }
@@ -156,8 +159,9 @@ void backward_in_block_order(const P& p, ConstView<S> q, ConstView<S> k, ConstVi
                              View<S> d_q, View<S> d_k, View<S> d_v, const HeadContext& ctx,
                              Workspace& ws) {
   Workspace::Frame frame(ws);
-  S* shared = ws.take<S>(shared_scalars_of(p, q.rows(), k.rows(), q.cols(), v.cols()));
-  const Index blocks = p.backward_blocks(q.rows(), k.rows(), q.cols(), v.cols(), ctx.causal);
+  S* shared = ws.take<S>(shared_scalars_of(p, q.rows(), k.rows(), q.cols(), v.cols(), ctx.causal));
+  const Index blocks =
+      p.backward_blocks(q.rows(), k.rows(), q.cols(), v.cols(), ctx.causal, ctx.spread);
   for (Index b = 0; b < blocks; ++b)
     p.backward_block(b, q, k, v, out, d_out, saved, d_q, d_k, d_v, ctx, ws, InCallOrder{}, shared);
 }

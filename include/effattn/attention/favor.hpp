@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "effattn/attention/attention_policy.hpp"
+#include "effattn/attention/favor/causal_blocks.hpp"
 #include "effattn/attention/favor/causal_prefix.hpp"
 #include "effattn/attention/favor/feature_block.hpp"
 #include "effattn/attention/favor/pieces.hpp"
@@ -34,8 +35,9 @@ namespace effattn {
 ///   causal         out_i = Q'_i S_i / (Q'_i · z_i),  S_i = Σ_{j≤i} K'_jᵀ V_j,  z_i = Σ_{j≤i} K'_j
 /// never forming an n×n matrix. Causal runs in chunks of `chunk` tokens: a masked chunk ×
 /// chunk product inside a chunk, the m×d_v state carried across chunks.
-/// Time O(n·m·d); scratch O(chunk·m + chunk² + m·d_v) per thread (plus n_q scalars in causal
-/// backward). Stabiliser (all shifts cancel in the normalisation): queries subtract their own
+/// Time O(n·m·d); scratch O(chunk·m + chunk² + m·d_v) per thread, and per (sequence, head)
+/// what its blocks share: causal, two m·d_v sums per block (at most 32 blocks) and n_q
+/// scalars. Stabiliser (all shifts cancel in the normalisation): queries subtract their own
 /// row's largest log-feature. Bidirectional keys share one shift, the largest log-feature of
 /// all valid keys, found while summing them (a chunk that raises it rescales the sums so
 /// far). Causal keys keep their own shifts and each query works in the frame of the largest
@@ -47,7 +49,7 @@ namespace effattn {
 /// from the block's seed, redrawn on request and readable and settable. Queries and keys of a
 /// head always share W.
 template <class S = float, FeatureMap Features = PositiveSoftmaxFeatures>
-class Favor : public detail::favor::Pieces<S, Features> {
+class Favor : public detail::favor::CausalBlocks<S, Features> {
  public:
   using Scalar = S;
   using Map = Features;  ///< the feature map φ
@@ -56,11 +58,13 @@ class Favor : public detail::favor::Pieces<S, Features> {
   static constexpr bool supports_cross_attention = true;  // bidirectional only
   static constexpr bool splits_queries = false;           // keys are summarised per call
 
-  using Base = detail::favor::Pieces<S, Features>;
+  using Base = detail::favor::CausalBlocks<S, Features>;
   using Config = typename Base::Config;
   using Base::add_key_epsilon;
   using Base::attend;
   using Base::attend_causal;
+  using Base::causal_block_rows;
+  using Base::causal_blocks;
   using Base::causal_key_gradients;
   using Base::causal_query_gradients;
   using Base::causal_shifts;
@@ -69,6 +73,7 @@ class Favor : public detail::favor::Pieces<S, Features> {
   using Base::key_gradients;
   using Base::projection;
   using Base::query_gradients;
+  using Base::sum_causal_keys;
   using Base::sum_keys;
 
   struct Saved {
@@ -101,17 +106,20 @@ class Favor : public detail::favor::Pieces<S, Features> {
     const std::size_t state =
         4 * W::bytes_for<S>(f * d_v) + 4 * W::bytes_for<S>(f) + W::bytes_for<S>(d_v);
     const Index p = product_extent(n_q, n_k, d_v);
-    const Index shifts = n_q / std::min(chunk(false), chunk(true)) + 2;  // causal backward
     // W packed for the call; bidirectional states packed once complete (forward: the state;
     // backward: its transpose, then r_state and its transpose).
     const std::size_t kept = Directions::bytes(config_.features, d_k) +
                              2 * Products::kept_bytes(f, d_v) + 2 * Products::kept_bytes(d_v, f);
-    // A block's partial sums, and the sums a call's blocks share (forward and backward alone).
-    const std::size_t blocks = 2 * W::bytes_for<S>(f * d_v) + 2 * W::bytes_for<S>(f) +
-                               W::bytes_for<S>(d_v) +
-                               W::bytes_for<S>(shared_scalars(n_q, n_k, d_k, d_v));
-    return chunk_buffers + state + kept + blocks + W::bytes_for<S>(n_q) + W::bytes_for<S>(shifts) +
-           Products::bytes(Products::capacity(p, p));
+    // A block's partial sums (bidirectional; causal: its own sums, the later blocks' gradient
+    // sums and the merged sums its chunks see), and the sums a call's blocks share (forward
+    // and backward alone).
+    const Index shared = std::max(shared_scalars(n_q, n_k, d_k, d_v, false),
+                                  shared_scalars(n_q, n_k, d_k, d_v, true));
+    const std::size_t blocks =
+        std::max(2 * W::bytes_for<S>(f * d_v) + 2 * W::bytes_for<S>(f) + W::bytes_for<S>(d_v),
+                 3 * W::bytes_for<S>(KeySums::scalars(f, d_v))) +
+        W::bytes_for<S>(shared);
+    return chunk_buffers + state + kept + blocks + Products::bytes(Products::capacity(p, p));
   }
 
   /// Rows per block of a bidirectional call (4 chunks, 512 by default): AttentionCore runs the
@@ -122,18 +130,32 @@ class Favor : public detail::favor::Pieces<S, Features> {
   /// block order into sums every block shares (the stabiliser shift of each block moved to the
   /// largest); then the query blocks (forward: the output; backward: d_q and the query sums the
   /// keys' gradients need, merged in block order); backward then the key blocks' d_k and d_v.
-  /// Blocks are fixed rows of the sequence, so the bits do not depend on the threads. Causal
-  /// calls are one block (the prefix sums run in order).
-  Index forward_blocks(Index n_q, Index n_k, Index, Index, bool causal) const {
-    return causal ? 1 : blocks_of(n_k) + blocks_of(n_q);
+  ///
+  /// Causal calls run in blocks of causal_block_rows(n) rows (8 chunks, or n/32 for long
+  /// sequences). Block b starts from the prefix sums of the blocks before it and sums its own
+  /// keys apart from zero; prefix b + 1 = prefix b ⊕ its own sums. With threads to spare
+  /// (`spread` ≥ 2, at least two threads per (sequence, head)), the keys of blocks 1 … B−2 are
+  /// summed ahead as tasks of their own (work a single thread would not do: about a third of
+  /// the forward's), so that every query block can start once its prefix is merged; backward
+  /// then merges what each block's queries add to the keys before it from the last block back,
+  /// and runs the key blocks. Otherwise a call is one task that runs the blocks in order. Both
+  /// run the same pieces on the same blocks and merge in the same order: the same bits.
+  ///
+  /// Blocks are fixed rows of the sequence, so the bits do not depend on the threads.
+  Index forward_blocks(Index n_q, Index n_k, Index, Index, bool causal, Index spread) const {
+    if (causal) return split_causal(n_q, spread) ? 2 * causal_blocks(n_q) - 2 : 1;
+    return blocks_of(n_k) + blocks_of(n_q);
   }
-  Index backward_blocks(Index n_q, Index n_k, Index, Index, bool causal) const {
-    return causal ? 1 : 2 * blocks_of(n_k) + blocks_of(n_q);
+  Index backward_blocks(Index n_q, Index n_k, Index, Index, bool causal, Index spread) const {
+    if (causal) return split_causal(n_q, spread) ? 3 * causal_blocks(n_q) - 2 : 1;
+    return 2 * blocks_of(n_k) + blocks_of(n_q);
   }
-  /// Scalars a call's blocks share: state and r_state (features × d_v), z and r_z, v_sum, shift.
-  Index shared_scalars(Index, Index, Index, Index d_v) const {
+  /// Scalars a call's blocks share. Bidirectional: state and r_state (features × d_v), z and
+  /// r_z, v_sum, shift. Causal: each block's prefix sums and gradient sums (KeySums records),
+  /// the rows' normalisers and the chunks' shifts.
+  Index shared_scalars(Index n_q, Index, Index, Index d_v, bool causal) const {
     const Index f = feature_width();
-    return 2 * f * d_v + 2 * f + d_v + 1;
+    return causal ? causal_shared_scalars(n_q, d_v) : 2 * f * d_v + 2 * f + d_v + 1;
   }
 
   void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved* saved,
@@ -147,17 +169,7 @@ class Favor : public detail::favor::Pieces<S, Features> {
                      S* shared) const {
     Workspace::Frame frame(ws);
     const Index f = feature_width(), d_v = v.cols(), keys = ctx.key_length;
-    if (ctx.causal) {
-      out.setZero();
-      if (keys == 0) return;
-      auto state = ws.matrix<S>(f, d_v);  // Σ K'ᵀV
-      auto z = ws.matrix<S>(1, f);        // Σ K'
-      state.setZero();
-      z.setZero();
-      S shift = minus_infinity;
-      attend_causal(q, k, v, out, keys, ctx.head, state, z, shift, ws);
-      return;
-    }
+    if (ctx.causal) return causal_forward_block(block, q, k, v, out, ctx, ws, order, shared);
     const Index key_blocks = blocks_of(k.rows());
     Shared sh(shared, f, d_v);
     if (block < key_blocks) return sum_key_block(block, k, v, ctx, ws, order, sh);
@@ -202,28 +214,9 @@ class Favor : public detail::favor::Pieces<S, Features> {
                       const HeadContext& ctx, Workspace& ws, const Order& order, S* shared) const {
     Workspace::Frame frame(ws);
     const Index n_q = q.rows(), dv = v.cols(), f = feature_width(), keys = ctx.key_length;
-    if (ctx.causal) {
-      d_q.setZero();
-      d_k.setZero();
-      d_v.setZero();
-      if (keys == 0) return;
-      auto state = ws.matrix<S>(f, dv);
-      auto z = ws.matrix<S>(1, f);
-      auto r_state = ws.matrix<S>(f, dv);  // Σ Q'ᵀ dnum over the queries that see a key
-      auto r_z = ws.matrix<S>(1, f);       // Σ Q'ᵀ dden
-      state.setZero();
-      z.setZero();
-      S* normalisers = ws.take<S>(n_q);
-      S* shifts = ws.take<S>(causal_shifts(n_q));
-      causal_query_gradients(q, k, v, out, d_out, keys, ctx.head, state, z, minus_infinity,
-                             normalisers, shifts, d_q, View<S>(r_state.topRows(0)),
-                             View<S>(r_z.topRows(0)), ws);
-      r_state.setZero();
-      r_z.setZero();
-      causal_key_gradients(q, k, v, out, d_out, keys, ctx.head, normalisers, shifts, r_state, r_z,
-                           d_k, d_v, ws);
-      return;
-    }
+    if (ctx.causal)
+      return causal_backward_block(block, q, k, v, out, d_out, d_q, d_k, d_v, ctx, ws, order,
+                                   shared);
     const Index key_blocks = blocks_of(k.rows()), query_blocks = blocks_of(n_q);
     const Index rows_per = block_rows();
     Shared sh(shared, f, dv);
@@ -317,11 +310,16 @@ class Favor : public detail::favor::Pieces<S, Features> {
     });
   }
 
+  using Base::causal_backward_block;
+  using Base::causal_forward_block;
+  using Base::causal_shared_scalars;
   using Base::config_;
   using Base::largest_chunk;
   using Base::layout_;
   using Base::product_extent;
+  using Base::split_causal;
   using typename Base::Directions;
+  using typename Base::KeySums;
   using typename Base::Products;
   static constexpr S minus_infinity = Base::minus_infinity;
 };

@@ -307,7 +307,8 @@ class FullAttention {
 
   /// Backward runs in blocks of keys (the packed float kernel; one block otherwise), so that the
   /// threads share one head: see backward_block and detail::full::packed_backward_blocks.
-  Index backward_blocks(Index /*n_q*/, Index n_k, Index /*d_k*/, Index /*d_v*/, bool causal) const {
+  Index backward_blocks(Index /*n_q*/, Index n_k, Index /*d_k*/, Index /*d_v*/, bool causal,
+                        Index /*spread*/) const {
     if constexpr (packed)
       return detail::full::packed_backward_blocks(n_k, packed_backward_tiles(), causal);
     return 1;

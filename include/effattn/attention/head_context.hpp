@@ -22,6 +22,10 @@ struct HeadContext {
   /// adds to state shared by every problem (a learned projection's gradient) keeps one partial
   /// sum per worker, so that the result does not depend on thread timing.
   int worker = 0;
+  /// Threads the call has for each (sequence, head) (AttentionCore: threads / problems, at least
+  /// 1). A policy may split a head into more blocks when it is 2 or more, where the split costs
+  /// work a single thread would not do, provided the bits stay the same (Favor's causal blocks).
+  Index spread = 1;
 
   /// Keys query row `i` (slice-relative) may see: [0, key_end(i)).
   Index key_end(Index i) const {

@@ -268,17 +268,7 @@ class ShardedFavor {
     }
   }
   static void combine_frames(S* a, const S* b, std::size_t length, bool largest) {
-    const S sa = a[0], sb = b[0];
-    if (sb == minus_infinity) return;
-    if (sa == minus_infinity) {
-      std::copy(b, b + length, a);
-      return;
-    }
-    const S t = largest ? std::max(sa, sb) : std::min(sa, sb);
-    const S fa = std::exp(largest ? sa - t : t - sa), fb = std::exp(largest ? sb - t : t - sb);
-    for (std::size_t i = 1; i < length; ++i)
-      a[i] = fa * a[i] + fb * b[i];
-    a[0] = t;
+    a[0] = effattn::detail::favor::combine_frames(a[0], a + 1, b[0], b + 1, length - 1, largest);
   }
 
   // sums_ ← for every (sequence, head), the whole sequence's key sums with ε, in the frame

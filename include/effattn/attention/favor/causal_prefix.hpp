@@ -30,6 +30,58 @@ struct RecurrentState {
   std::size_t bytes() const { return sizeof(S) * std::size_t(state.size() + z.size()); }
 };
 
+/// a ← a ⊕ b for sums of two stretches of keys, each in the frame of its shift (−∞: no key, the
+/// values 0): forward sums (Σ K'ᵀV, Σ K') in the frame of the larger shift (largest), the keys'
+/// gradient sums (Σ Q'ᵀ dnum, Σ Q'ᵀ dden) in the frame of the smaller, so every factor is ≤ 1.
+/// Returns a's new shift. The one merge of FAVOR+'s sums: blocks of a head, shards of a sequence.
+template <class S>
+S combine_frames(S shift_a, S* a, S shift_b, const S* b, std::size_t length, bool largest) {
+  constexpr S none = -std::numeric_limits<S>::infinity();
+  if (shift_b == none) return shift_a;
+  if (shift_a == none) {
+    std::copy(b, b + length, a);
+    return shift_b;
+  }
+  const S t = largest ? std::max(shift_a, shift_b) : std::min(shift_a, shift_b);
+  const S fa = std::exp(largest ? shift_a - t : t - shift_a);
+  const S fb = std::exp(largest ? shift_b - t : t - shift_b);
+  for (std::size_t i = 0; i < length; ++i)
+    a[i] = fa * a[i] + fb * b[i];
+  return t;
+}
+
+/// The sums of a stretch of keys in one record: state (f × d_v), then z (1 × f), then the shift
+/// of their frame (−∞: no key). Favor's blocks keep their prefix sums and the keys' gradient
+/// sums in such records.
+template <class S>
+class KeySums {
+ public:
+  /// Scalars of one record, rounded up to 64 bytes.
+  static Index scalars(Index f, Index dv) {
+    constexpr Index line = Index(64 / sizeof(S));
+    return (f * dv + f + 1 + line - 1) / line * line;
+  }
+  KeySums(S* record, Index f, Index dv) : p_(record), f_(f), dv_(dv) {}
+  Eigen::Map<Matrix<S>> state() const { return {p_, f_, dv_}; }
+  Eigen::Map<Matrix<S>> z() const { return {p_ + f_ * dv_, 1, f_}; }
+  S& shift() const { return p_[f_ * dv_ + f_]; }
+  /// No keys.
+  void clear() const {
+    std::fill(p_, p_ + values(), S(0));
+    shift() = -std::numeric_limits<S>::infinity();
+  }
+  void assign(const KeySums& other) const { std::copy(other.p_, other.p_ + values() + 1, p_); }
+  /// this ← this ⊕ other (combine_frames).
+  void add(const KeySums& other, bool largest = true) const {
+    shift() = combine_frames(shift(), p_, other.shift(), other.p_, std::size_t(values()), largest);
+  }
+
+ private:
+  Index values() const { return f_ * dv_ + f_; }
+  S* p_;
+  Index f_, dv_;
+};
+
 template <class S>
 class CausalPrefix {
  public:
