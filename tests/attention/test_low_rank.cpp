@@ -170,6 +170,22 @@ TEMPLATE_TEST_CASE("LowRank equals the naive projected attention for every shari
     }
 }
 
+TEST_CASE("LowRank's forward blocks (projected rows, query tiles) equal the naive attention",
+          "[lowrank][threads]") {
+  // k = 150 projected rows: blocks of 64, 64 and 22 for E k and for F v; 700 queries: several
+  // query blocks. Key padding, kept and not kept state, and more threads than the one head.
+  const Problem p{2, 1, 700, 300, 8, 8, {300, 170}};
+  const Data data(p);
+  AttentionCore<LowRank<double>> core({.projection = {.k = 150, .n_max = 300}},
+                                      HeadLayout{1, 8, 8, 3});
+  const MatD expected = naive_low_rank(core.policy(), p, data.q, data.k, data.v);
+  CHECK(core.policy().forward_blocks(700, 300, 8, 8, false, 1) > 6);
+  for (const bool keep : {false, true}) {
+    CAPTURE(keep);
+    CHECK(reference::relative_error(run(core, p, data.q, data.k, data.v, keep), expected) < 1e-12);
+  }
+}
+
 TEMPLATE_TEST_CASE("LowRank gradients match finite differences (double), projections included",
                    "[lowrank][backward]", Kind<DenseProjection>, Kind<MeanPooling>,
                    Kind<MaxPooling>, Kind<ConvProjection>) {

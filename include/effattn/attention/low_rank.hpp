@@ -202,19 +202,61 @@ class LowRank {
     return projected + std::max(attention_.scratch_bytes(n_q, r, d_k, d_v), projection);
   }
 
+  /// Forward runs in blocks: the projected keys, then the projected values, in blocks of
+  /// projected_block_rows rows (a projection without forward_rows, such as pooling, in one
+  /// block each); then the queries, in blocks of whole query tiles of the attention over the
+  /// projected rows. No block merges with another, so the bits do not depend on the threads.
+  /// Backward is one task per (sequence, head): its projections' gradients are summed per
+  /// worker (begin_backward).
+  static constexpr Index projected_block_rows = 64;
+  Index forward_blocks(Index n_q, Index n_k, Index d_k, Index d_v, bool, Index) const {
+    return 2 * projection_blocks(n_k) +
+           (n_q + query_block_rows(d_k, d_v) - 1) / query_block_rows(d_k, d_v);
+  }
+  /// E k and F v when the call keeps no Saved.
+  Index shared_scalars(Index, Index n_k, Index d_k, Index d_v, bool) const {
+    return slots_.front()->rows(n_k) * (d_k + d_v);
+  }
+
   void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved* saved,
                const HeadContext& ctx, Workspace& ws) const {
+    detail::forward_in_block_order(*this, q, k, v, out, saved, ctx, ws);
+  }
+
+  template <class Order>
+  void forward_block(Index block, ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out,
+                     Saved* saved, const HeadContext& ctx, Workspace& ws, const Order& order,
+                     S* shared) const {
     const detail::EigenSingleThreadScope serial_products;
     Workspace::Frame frame(ws);
-    const Index n_k = k.rows(), r = slots_.front()->rows(n_k);
-    auto kp_scratch = ws.matrix<S>(saved ? 0 : r, k.cols());
-    auto vp_scratch = ws.matrix<S>(saved ? 0 : r, v.cols());
-    View<S> kp = saved ? View<S>(saved->keys) : View<S>(kp_scratch);
-    View<S> vp = saved ? View<S>(saved->values) : View<S>(vp_scratch);
-    projection(ctx.head, false).forward(k, ctx.key_length, kp, ws);
-    projection(ctx.head, true).forward(v, ctx.key_length, vp, ws);
-    attention_.forward(q, kp, vp, out, saved ? &saved->attention : nullptr,
-                       projected_context(ctx, n_k), ws);
+    const Index n_k = k.rows(), r = slots_.front()->rows(n_k), d_k = k.cols(), d_v = v.cols();
+    Eigen::Map<Matrix<S>> kp_shared(shared, saved ? 0 : r, d_k);
+    Eigen::Map<Matrix<S>> vp_shared(shared + r * d_k, saved ? 0 : r, d_v);
+    View<S> kp = saved ? View<S>(saved->keys) : View<S>(kp_shared);
+    View<S> vp = saved ? View<S>(saved->values) : View<S>(vp_shared);
+    const Index per = projection_blocks(n_k);
+    if (block < 2 * per) {  // a block of E k (the first `per`) or of F v
+      const bool values = block >= per;
+      const Proj& p = projection(ctx.head, values);
+      ConstView<S> x = values ? v : k;
+      View<S> y = values ? vp : kp;
+      if constexpr (requires { p.forward_rows(x, Index{}, y, Index{}, ws); }) {
+        const Index row = (block % per) * projected_block_rows;
+        const Index rows = std::min(projected_block_rows, r - row);
+        p.forward_rows(x, ctx.key_length, y.middleRows(row, rows), row, ws);
+      } else {
+        p.forward(x, ctx.key_length, y, ws);
+      }
+      order([] {});
+      return;
+    }
+    order.wait(2 * per);
+    const Index tile = query_block_rows(d_k, d_v), i0 = (block - 2 * per) * tile;
+    const Index rows = std::min(tile, q.rows() - i0);
+    HeadContext projected = projected_context(ctx, n_k);
+    projected.query_offset = ctx.query_offset + i0;
+    attention_.forward(q.middleRows(i0, rows), kp, vp, out.middleRows(i0, rows),
+                       saved ? &saved->attention : nullptr, projected, ws);
   }
 
   void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
@@ -260,6 +302,21 @@ class LowRank {
   }
 
  private:
+  Index projection_blocks(Index n_k) const {
+    const Proj& p = *slots_.front();
+    if constexpr (requires(Workspace & ws, ConstView<S> x, View<S> y) {
+                    p.forward_rows(x, Index{}, y, Index{}, ws);
+                  })
+      return std::max<Index>(1, (p.rows(n_k) + projected_block_rows - 1) / projected_block_rows);
+    else
+      return 1;
+  }
+  /// Queries per block: whole query tiles of the attention, about 256 rows.
+  Index query_block_rows(Index d_k, Index d_v) const {
+    const Index grain = std::max<Index>(1, attention_.query_grain(d_k, d_v));
+    return std::max<Index>(1, 256 / grain) * grain;
+  }
+
   Index slot_count() const {
     switch (config_.sharing) {
       case ProjectionSharing::none:

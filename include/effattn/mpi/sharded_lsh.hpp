@@ -432,6 +432,9 @@ class ShardedLSH {
   template <class Loop>
   void on_fetched_chunks(const Policy& policy, Loop&& loop) {
     const Index fetched = exchange_.received_rows();
+    // A rank that fetched no rows still maps one row's memory: its column blocks must not
+    // offset a null pointer.
+    if (rows_.size() < std::size_t(fetched_width())) rows_.resize(std::size_t(fetched_width()));
     const ConstView<S> rows = Eigen::Map<const Matrix<S>>(rows_.data(), fetched, fetched_width());
     const ConstView<S> keys = rows.leftCols(d_key()), values = rows.rightCols(d_value());
     const ConstView<S> queries = shared_qk_ ? keys : rows.middleCols(d_key(), d_key());

@@ -81,9 +81,47 @@ class CausalBlocks : public CausalPieces<S, Map> {
     S* shifts(Index b) const { return base + 2 * blocks * record + n + b * spans; }
     Index first(Index b) const { return b * rows; }
     Index size(Index b) const { return std::min(rows, n - b * rows); }
+    /// Keys of block b that are not padding, for `keys` valid keys.
+    Index valid(Index b, Index keys) const {
+      return std::clamp<Index>(keys - first(b), 0, size(b));
+    }
+    template <class M>
+    auto rows_of(M& m, Index b) const {
+      return m.middleRows(first(b), size(b));
+    }
     S* base;
     Index blocks, rows, record, spans, f, dv, n;
   };
+
+  /// What both directions run first. In order (one task): sweep(b) over every block, each
+  /// block's own sums (`own`) then giving the next prefix. As tasks: block 0 is sweep(0),
+  /// blocks 1 … B−2 sum their keys alone; each then merges the next prefix in block order.
+  /// Returns whether `block` was one of these tasks.
+  template <class Order, class Sweep>
+  bool prefix_stage(Index block, bool in_order, ConstView<S> k, ConstView<S> v,
+                    const HeadContext& ctx, Workspace& ws, const Order& order,
+                    const CausalShared& sh, const KeySums& own, Sweep&& sweep) const {
+    if (in_order) {
+      sh.prefix(0).clear();
+      for (Index b = 0; b < sh.blocks; ++b) {
+        sweep(b);
+        advance_prefix(sh, b, own);
+      }
+      return true;
+    }
+    if (block == 0) {
+      sh.prefix(0).clear();
+      sweep(0);
+    } else if (block < sh.blocks - 1) {
+      own.clear();
+      sum_causal_keys(sh.rows_of(k, block), sh.rows_of(v, block), sh.valid(block, ctx.key_length),
+                      ctx.head, own.state(), own.z(), own.shift(), ws);
+    } else {
+      return false;
+    }
+    order([&] { advance_prefix(sh, block, own); });
+    return true;
+  }
 
   /// prefix b + 1 ← prefix b ⊕ the own sums of block b.
   static void advance_prefix(const CausalShared& sh, Index b, const KeySums& own) {
@@ -98,45 +136,23 @@ class CausalBlocks : public CausalPieces<S, Map> {
                             S* shared) const {
     const Index f = feature_width(), dv = v.cols(), keys = ctx.key_length;
     const CausalShared sh(*this, shared, q.rows(), f, dv);
-    const Index last = sh.blocks - 1;
     const KeySums own(ws.take<S>(sh.record), f, dv);
-    const auto valid = [&](Index b) {
-      return std::clamp<Index>(keys - sh.first(b), 0, sh.size(b));
-    };
     // Query block b from its prefix; its own keys' sums into `own`.
     const auto attend_block = [&](Index b) {
-      const Index i0 = sh.first(b), rows = sh.size(b);
       if (keys == 0) {
-        out.middleRows(i0, rows).setZero();
+        sh.rows_of(out, b).setZero();
         own.clear();
         return;
       }
-      attend_causal_block(q.middleRows(i0, rows), k.middleRows(i0, rows), v.middleRows(i0, rows),
-                          out.middleRows(i0, rows), valid(b), ctx.head, sh.prefix(b), own, ws);
+      attend_causal_block(sh.rows_of(q, b), sh.rows_of(k, b), sh.rows_of(v, b), sh.rows_of(out, b),
+                          sh.valid(b, keys), ctx.head, sh.prefix(b), own, ws);
     };
-    if (!split_causal(q.rows(), ctx.spread)) {
-      sh.prefix(0).clear();
-      for (Index b = 0; b <= last; ++b) {
-        attend_block(b);
-        advance_prefix(sh, b, own);
-      }
-      return;
-    }
-    if (block == 0) {  // the first query block (its prefix is empty), then prefix 1
-      sh.prefix(0).clear();
-      attend_block(0);
-      order([&] { advance_prefix(sh, 0, own); });
-    } else if (block < last) {  // the keys of block `block` alone, then the next prefix
-      own.clear();
-      sum_causal_keys(k.middleRows(sh.first(block), sh.size(block)),
-                      v.middleRows(sh.first(block), sh.size(block)), valid(block), ctx.head,
-                      own.state(), own.z(), own.shift(), ws);
-      order([&] { advance_prefix(sh, block, own); });
-    } else {  // query block b once prefix b is merged
-      const Index b = block - (last - 1);
-      order.wait(b);
-      attend_block(b);
-    }
+    const bool in_order = !split_causal(q.rows(), ctx.spread);
+    if (prefix_stage(block, in_order, k, v, ctx, ws, order, sh, own, attend_block)) return;
+    // Query blocks 1 … B−1, each once its prefix is merged.
+    const Index b = block - (sh.blocks - 2);
+    order.wait(b);
+    attend_block(b);
   }
 
   template <class Order>
@@ -148,23 +164,19 @@ class CausalBlocks : public CausalPieces<S, Map> {
     const CausalShared sh(*this, shared, q.rows(), f, dv);
     const Index last = sh.blocks - 1;
     const KeySums own(ws.take<S>(sh.record), f, dv);
-    const auto valid = [&](Index b) {
-      return std::clamp<Index>(keys - sh.first(b), 0, sh.size(b));
-    };
-    const auto rows_of = [&](auto& m, Index b) { return m.middleRows(sh.first(b), sh.size(b)); };
     // First sweep of block b from its prefix: d_q, normalisers, chunk shifts, own sums, and in
     // gradient(b) what its queries add to the keys before it.
     const auto query_block = [&](Index b) {
       if (keys == 0) {
-        rows_of(d_q, b).setZero();
+        sh.rows_of(d_q, b).setZero();
         own.clear();
         sh.gradient(b).clear();
         return;
       }
-      causal_query_gradients_block(rows_of(q, b), rows_of(k, b), rows_of(v, b), rows_of(out, b),
-                                   rows_of(d_out, b), valid(b), ctx.head, sh.prefix(b), own,
-                                   sh.normalisers(b), sh.shifts(b), rows_of(d_q, b), sh.gradient(b),
-                                   ws);
+      causal_query_gradients_block(sh.rows_of(q, b), sh.rows_of(k, b), sh.rows_of(v, b),
+                                   sh.rows_of(out, b), sh.rows_of(d_out, b), sh.valid(b, keys),
+                                   ctx.head, sh.prefix(b), own, sh.normalisers(b), sh.shifts(b),
+                                   sh.rows_of(d_q, b), sh.gradient(b), ws);
     };
     // gradient(b) ← gradient(b) ⊕ gradient(b + 1): what every query from block b on adds to
     // the keys before block b (in the frame of the smaller shift).
@@ -185,44 +197,31 @@ class CausalBlocks : public CausalPieces<S, Map> {
       const S rescale = finite ? std::exp(after - later.shift()) : S(0);
       later.state() *= rescale;
       later.z() *= rescale;
-      causal_key_gradients(rows_of(q, b), rows_of(k, b), rows_of(v, b), rows_of(out, b),
-                           rows_of(d_out, b), keys == 0 ? 0 : valid(b), ctx.head, sh.normalisers(b),
-                           sh.shifts(b), later.state(), later.z(), rows_of(d_k, b), rows_of(d_v, b),
-                           ws);
+      causal_key_gradients(sh.rows_of(q, b), sh.rows_of(k, b), sh.rows_of(v, b), sh.rows_of(out, b),
+                           sh.rows_of(d_out, b), sh.valid(b, keys), ctx.head, sh.normalisers(b),
+                           sh.shifts(b), later.state(), later.z(), sh.rows_of(d_k, b),
+                           sh.rows_of(d_v, b), ws);
     };
-    if (!split_causal(q.rows(), ctx.spread)) {
-      sh.prefix(0).clear();
-      for (Index b = 0; b <= last; ++b) {
-        query_block(b);
-        advance_prefix(sh, b, own);
-      }
-      for (Index b = last; b >= 0; --b) {
-        key_block(b);
-        if (b >= 1) merge_later(b);
-      }
+    const bool in_order = !split_causal(q.rows(), ctx.spread);
+    if (prefix_stage(block, in_order, k, v, ctx, ws, order, sh, own, query_block)) {
+      if (in_order)
+        for (Index b = last; b >= 0; --b) {
+          key_block(b);
+          if (b >= 1) merge_later(b);
+        }
       return;
     }
-    // Steps: 0 … B−2 the prefixes (block 0's queries, then the key sums of blocks 1 … B−2),
-    // B−1 … 2B−3 the query blocks B−1 … 1 merging their gradient sums from the last back; the
-    // key blocks B−1 … 0 last.
-    const Index blocks = sh.blocks;
-    if (block == 0) {
-      sh.prefix(0).clear();
-      query_block(0);
-      order([&] { advance_prefix(sh, 0, own); });
-    } else if (block < last) {
-      own.clear();
-      sum_causal_keys(rows_of(k, block), rows_of(v, block), valid(block), ctx.head, own.state(),
-                      own.z(), own.shift(), ws);
-      order([&] { advance_prefix(sh, block, own); });
-    } else if (block < 2 * blocks - 2) {
+    // Steps B−1 … 2B−3: the query blocks B−1 … 1, merging their gradient sums from the last
+    // back; then the key blocks B−1 … 0, each once the sums after it are merged.
+    const Index queries_end = 2 * sh.blocks - 2;
+    if (block < queries_end) {
       const Index b = last - (block - last);
       order.wait(b);
       query_block(b);
       order([&] { merge_later(b); });
     } else {
-      const Index b = last - (block - (2 * blocks - 2));
-      order.wait(std::min(2 * blocks - 1 - b, 2 * blocks - 2));
+      const Index b = last - (block - queries_end);
+      order.wait(std::min(queries_end + 1 - b, queries_end));
       key_block(b);
     }
   }

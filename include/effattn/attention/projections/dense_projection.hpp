@@ -62,18 +62,26 @@ class DenseProjection {
   /// a part of a longer sequence that starts at position `first` (a shard: the parts' y add
   /// up to the whole sequence's); first + x.rows() must be at most n_max.
   void forward(ConstView<S> x, Index valid, View<S> y, Workspace& ws, Index first = 0) const {
+    forward_rows(x, valid, y, 0, ws, first);
+  }
+
+  /// Rows [row, row + y.rows()) of forward's y: a block of the projected rows, which LowRank
+  /// computes on threads of their own.
+  void forward_rows(ConstView<S> x, Index valid, View<S> y, Index row, Workspace& ws,
+                    Index first = 0) const {
     if (valid == 0) {
       y.setZero();
       return;
     }
     Workspace::Frame frame(ws);
     const Products mul(ws, forward_capacity(valid, x.cols()));
+    const Index rows = y.rows();
     for (Index j0 = 0; j0 < valid; j0 += column_block) {
       const Index cols = std::min(column_block, valid - j0);
       if (j0 == 0)
-        mul.assign(y, weight_.middleCols(first, cols), x.topRows(cols));
+        mul.assign(y, weight_.block(row, first, rows, cols), x.topRows(cols));
       else
-        mul.add(y, weight_.middleCols(first + j0, cols), x.middleRows(j0, cols));
+        mul.add(y, weight_.block(row, first + j0, rows, cols), x.middleRows(j0, cols));
     }
   }
 

@@ -25,6 +25,8 @@ namespace effattn {
 ///                               also add to their gradient: into worker's partial sum
 ///                               between begin_backward(workers, n) and end_backward() (which
 ///                               adds the partial sums in worker order), else under a lock
+///   forward_rows(x, valid, y, row, ws)  optional: rows [row, row + y.rows()) of forward's
+///                               y alone (LowRank's forward then runs them as blocks)
 ///   learned                     whether it has parameters; a learned projection also has
 ///                               visit_parameters(f, label), zero_grad(), begin_backward(workers,
 ///                               n) and end_backward()
