@@ -131,15 +131,16 @@ class Favor : public detail::favor::CausalBlocks<S, Features> {
   /// largest); then the query blocks (forward: the output; backward: d_q and the query sums the
   /// keys' gradients need, merged in block order); backward then the key blocks' d_k and d_v.
   ///
-  /// Causal calls run in blocks of causal_block_rows(n) rows (8 chunks, or n/32 for long
-  /// sequences). Block b starts from the prefix sums of the blocks before it and sums its own
-  /// keys apart from zero; prefix b + 1 = prefix b ⊕ its own sums. With threads to spare
+  /// Causal calls run in 32 blocks of causal_block_rows(n) rows (whole chunks, at least 2: fewer
+  /// blocks for short sequences). Block b starts from the prefix sums of the blocks before it and
+  /// sums its own keys apart from zero; prefix b + 1 = prefix b ⊕ its own sums. With threads to
+  /// spare
   /// (`spread` ≥ 2, at least two threads per (sequence, head)), the keys of blocks 1 … B−2 are
-  /// summed ahead as tasks of their own (work a single thread would not do: about a third of
-  /// the forward's), so that every query block can start once its prefix is merged; backward
-  /// then merges what each block's queries add to the keys before it from the last block back,
-  /// and runs the key blocks. Otherwise a call is one task that runs the blocks in order. Both
-  /// run the same pieces on the same blocks and merge in the same order: the same bits.
+  /// summed ahead as tasks of their own (work a single thread would not do: about 40 % of the
+  /// forward's, whatever the block count), so that every query block can start once its prefix is
+  /// merged; backward then merges what each block's queries add to the keys before it from the last
+  /// block back, and runs the key blocks. Otherwise a call is one task that runs the blocks in
+  /// order. Both run the same pieces on the same blocks and merge in the same order: the same bits.
   ///
   /// Blocks are fixed rows of the sequence, so the bits do not depend on the threads.
   Index forward_blocks(Index n_q, Index n_k, Index, Index, bool causal, Index spread) const {

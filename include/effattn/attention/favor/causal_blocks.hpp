@@ -19,7 +19,7 @@ namespace effattn::detail::favor {
 /// apart from zero; prefix b + 1 = prefix b ⊕ its own sums (KeySums::add). One task runs the
 /// blocks in order, the prefix growing as it goes. With threads to spare (HeadContext::spread
 /// ≥ 2), the keys of blocks 1 … B−2 are summed ahead as tasks of their own (work one thread
-/// would not do, about a third of the forward's) so that the query blocks run side by side;
+/// would not do, about 40 % of the forward's) so that the query blocks run side by side;
 /// backward then merges what each block's queries add to the keys before it from the last block
 /// back, and runs the key blocks. Both schedules run the same pieces on the same blocks and
 /// merge in the same order: the same bits (tests/features/test_thread_counts.cpp).
@@ -38,10 +38,12 @@ class CausalBlocks : public CausalPieces<S, Map> {
   using Base::feature_width;
   using Base::sum_causal_keys;
 
-  /// Rows of a causal block for a sequence of n tokens: whole chunks, at most 32 blocks.
+  /// Rows of a causal block for a sequence of n tokens: whole chunks, at least 2, and at most 32
+  /// blocks. The key sums a split adds cost the same share of the work at any block count, so
+  /// the blocks are as many as the memory for their sums allows (two feature × d_v sums each).
   Index causal_block_rows(Index n) const {
     const Index c = chunk(true), fair = (n + max_causal_blocks - 1) / max_causal_blocks;
-    return std::max(8 * c, (fair + c - 1) / c * c);
+    return std::max(2 * c, (fair + c - 1) / c * c);
   }
   Index causal_blocks(Index n) const {
     const Index rows = causal_block_rows(n);
