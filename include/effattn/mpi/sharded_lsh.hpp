@@ -238,9 +238,11 @@ class ShardedLSH {
     bytes_sent_ += exchange_.exchange(send_, width, false, recv_);
     const std::vector<S>& grads_in = recv_;
 
-    // This rank's chunks: gradients of the fetched rows' q, k̂ and v.
+    // This rank's chunks: gradients of the fetched rows' q, k̂ and v. (Both buffers hold at
+    // least one row: a rank that fetched none must not offset a null pointer.)
     const Index fetched = exchange_.received_rows(), fwidth = 2 * d_key() + d_value();
-    send_.resize(std::size_t(fetched * fwidth));  // d_out went out: reuse
+    send_.resize(std::size_t(std::max<Index>(fetched, 1) * fwidth));  // d_out went out: reuse
+    if (recv_.size() < std::size_t(width)) recv_.resize(std::size_t(width));
     Eigen::Map<Matrix<S>> grads(send_.data(), fetched, fwidth);
     {
       const Eigen::Map<const Matrix<S>> in(grads_in.data(), fetched, width);
