@@ -15,13 +15,13 @@ ends (work a split adds, such as Favor's causal key sums, counts against it). Ta
   in proportion to the keys it sees (heaviest first); training: `tasks` equal tasks.
 - favor, bidirectional: key blocks, then query blocks that wait for all of them, equal costs
   (forward); training adds the backward's three stages, each a third of its time.
-- favor, causal (h:1): B blocks (32, of whole chunks of 64, at least 2 chunks). One thread runs them in order; with two or more,
+- favor, causal (h:1): B blocks (whole chunks of 64, at least 8 chunks, at most 32 blocks). One thread runs them in order; with two or more,
   block 0's queries, the key sums of blocks 1 … B−2 (each KEY_SUM of a block's forward: the
   keys' features and their sums, by the products' flop counts), then the query blocks, each
   once its prefix is merged. Backward: block 0's first sweep, the key sums, the other blocks'
   first sweeps from the last back (merging in that order), then the second sweeps (each
   SWEEP_SHARE and 1 − SWEEP_SHARE of a block's backward).
-- lowrank (h:1): E k and F v in 2·4 blocks (256 projected rows), half of the forward, then the
+- lowrank (h:1): E k and F v in 2·2 blocks (256 projected rows), half of the forward, then the
   query blocks that wait for them; backward one task.
 - anything else: `tasks` equal tasks.
 What it leaves out: memory bandwidth shared by the cores, merges' own time and the start of a
@@ -71,7 +71,7 @@ def independent(costs):
 
 def causal_favor(forward, backward, n, threads):
     """Tasks of a causal Favor call of one head (forward time, backward time or 0)."""
-    rows = max(128, math.ceil(math.ceil(n / 32) / 64) * 64)
+    rows = max(512, math.ceil(math.ceil(n / 32) / 64) * 64)
     blocks = max(1, math.ceil(n / rows))
     if threads < 2 or blocks < 2:
         return independent([forward + backward])
@@ -137,8 +137,8 @@ def grid(name, b, forward_row, threads):
                 stages += [(blocks, (total - forward) / 3)] * 3
             return staged(stages)
         if policy == "lowrank":
-            queries = max(1, int(row.get("tasks", 9)) - 8)
-            stages = [(8, forward / 2), (queries, forward / 2)]
+            queries = max(1, int(row.get("tasks", 5)) - 4)
+            stages = [(4, forward / 2), (queries, forward / 2)]
             if train:
                 stages.append((1, total - forward))
             return staged(stages)

@@ -51,7 +51,7 @@ const Case cases[] = {
     {50, 50, 4, 3, true, 0, 16},
     {20, 20, 4, 3, true, 1, 64},
     {20, 20, 4, 3, false, 3, 64},
-    // Several causal blocks (2 chunks each): padding inside one and covering the last.
+    // Several causal blocks (8 chunks each): padding inside one and covering the last.
     {70, 70, 8, 5, true, 45, 4},
     {70, 70, 8, 5, true, -1, 2},
 };
@@ -111,7 +111,7 @@ TEST_CASE("Favor causal: a future key with a huge feature leaves earlier outputs
   // Key t along W's first direction with norm d^{3/4} has log-feature ≈ d/2 = 128 above the
   // others': under one shift over all keys every earlier feature underflows in float.
   const Index n = 40, d = 256;
-  // The key in a later block (of 2 chunks), in a later chunk, or in the same chunk.
+  // The key in a later block (of 8 chunks), in a later chunk, or in the same chunk.
   for (const Index chunk : {Index(2), Index(8), Index(64)}) {
     CAPTURE(chunk);
     const Favor<float> favor({.features = 64, .chunk = chunk}, HeadLayout{1, d, d, 7});
@@ -149,7 +149,7 @@ TEMPLATE_TEST_CASE("Favor gradients match finite differences (double)", "[favor]
   for (const Case& c : {Case{9, 9, 4, 3, true, -1, 4}, Case{7, 11, 4, 3, false, 8, 4},
                         Case{12, 12, 3, 2, true, 10, 5}, Case{12, 12, 3, 2, true, 3, 5},
                         Case{10, 10, 3, 2, true, 4, 16},
-                        // several causal blocks (2 chunks each), padding ending inside one
+                        // several causal blocks (8 chunks each), padding ending inside one
                         Case{30, 30, 3, 2, true, -1, 1}, Case{40, 40, 3, 2, true, 21, 1}}) {
     CAPTURE(c.causal, c.key_length);
     const Favor<double, Map> favor({.features = 10, .chunk = c.chunk, .epsilon = 0.0},

@@ -172,7 +172,7 @@ TEMPLATE_TEST_CASE("LowRank equals the naive projected attention for every shari
 
 TEST_CASE("LowRank's forward blocks (projected rows, query tiles) equal the naive attention",
           "[lowrank][threads]") {
-  // k = 150 projected rows: blocks of 64, 64 and 22 for E k and for F v; 700 queries: several
+  // k = 150 projected rows: blocks of 128 and 22 for E k and for F v; 700 queries: several
   // query blocks. Key padding, kept and not kept state, and more threads than the one head.
   const Problem p{2, 1, 700, 300, 8, 8, {300, 170}};
   const Data data(p);

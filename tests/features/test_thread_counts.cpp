@@ -85,13 +85,13 @@ TEMPLATE_TEST_CASE("Every policy gives the same bits at 1, 2, 3 and 7 threads",
   using Masking = TestType;
   same_bits_at_every_thread_count<FullAttention<float>, Masking>({}, 16);
   same_bits_at_every_thread_count<FullAttention<double>, Masking>({}, 16);
-  // Causal Favor in chunks of 16: 29 blocks of 32 rows, the last of 4.
+  // Causal Favor in chunks of 16: 8 blocks of 128 rows, the last of 4.
   same_bits_at_every_thread_count<Favor<float>, Masking>({.features = 32, .chunk = 16}, 16);
   same_bits_at_every_thread_count<LSHAttention<float>, Masking>({.chunk = 32, .rounds = 2}, 16);
   if constexpr (!Masking::causal)
-    // 96 projected rows: two blocks of E k and two of F v, then the query blocks.
+    // 200 projected rows: two blocks of E k and two of F v, then the query blocks.
     same_bits_at_every_thread_count<LowRank<float>, Masking>(
-        {.projection = {.k = 96, .n_max = 900}}, 16);
+        {.projection = {.k = 200, .n_max = 900}}, 16);
 }
 
 TEST_CASE("A lone head's backward is split into key blocks that all threads share", "[threads]") {
@@ -106,21 +106,21 @@ TEST_CASE("A lone head's backward is split into key blocks that all threads shar
 }
 
 TEST_CASE("A lone head's causal Favor runs as blocks when threads are to spare", "[threads]") {
-  // 900 rows in blocks of 2 chunks of 16: 29 blocks (28 of 32 rows, one of 4). Two threads: the
-  // first block's queries, the key sums of blocks 1 … 27, then the query blocks 1 … 28 (56
-  // tasks); backward also the key blocks (85). One thread: one task, the blocks in order.
+  // 900 rows in blocks of 8 chunks of 16: 8 blocks (7 of 128 rows, one of 4). Two threads: the
+  // first block's queries, the key sums of blocks 1 … 6, then the query blocks 1 … 7 (14
+  // tasks); backward also the key blocks (22). One thread: one task, the blocks in order.
   AttentionCore<Favor<float>, Causal> core({.features = 16, .chunk = 16}, HeadLayout{1, 8, 8, 0});
-  CHECK(core.policy().causal_blocks(900) == 29);
+  CHECK(core.policy().causal_blocks(900) == 8);
   const auto two = run(core, SequenceShape{1, 900}, 8, 2);
-  CHECK(two.forward_tasks == 56);
-  CHECK(two.backward_tasks == 85);
+  CHECK(two.forward_tasks == 14);
+  CHECK(two.backward_tasks == 22);
   const auto one = run(core, SequenceShape{1, 900}, 8, 1);
   CHECK(one.forward_tasks == 1);
   CHECK(one.backward_tasks == 1);
-  // Long sequences: 32 blocks of whole chunks; short ones: blocks of 2 chunks.
+  // Long sequences: 32 blocks of whole chunks; short ones: blocks of 8 chunks.
   CHECK(core.policy().causal_blocks(100000) == 32);
   CHECK(core.policy().causal_block_rows(100000) % 16 == 0);
-  CHECK(core.policy().causal_blocks(100) == 4);
+  CHECK(core.policy().causal_blocks(300) == 3);
 }
 
 TEST_CASE("Split backward equals the double-precision reference", "[threads][full]") {

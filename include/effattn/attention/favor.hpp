@@ -131,8 +131,8 @@ class Favor : public detail::favor::CausalBlocks<S, Features> {
   /// largest); then the query blocks (forward: the output; backward: d_q and the query sums the
   /// keys' gradients need, merged in block order); backward then the key blocks' d_k and d_v.
   ///
-  /// Causal calls run in 32 blocks of causal_block_rows(n) rows (whole chunks, at least 2: fewer
-  /// blocks for short sequences). Block b starts from the prefix sums of the blocks before it and
+  /// Causal calls run in blocks of causal_block_rows(n) rows (whole chunks, at least 8; 32 blocks
+  /// for long sequences). Block b starts from the prefix sums of the blocks before it and
   /// sums its own keys apart from zero; prefix b + 1 = prefix b ⊕ its own sums. With threads to
   /// spare
   /// (`spread` ≥ 2, at least two threads per (sequence, head)), the keys of blocks 1 … B−2 are

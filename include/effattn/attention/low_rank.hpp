@@ -208,7 +208,7 @@ class LowRank {
   /// projected rows. No block merges with another, so the bits do not depend on the threads.
   /// Backward is one task per (sequence, head): its projections' gradients are summed per
   /// worker (begin_backward).
-  static constexpr Index projected_block_rows = 64;
+  static constexpr Index projected_block_rows = 128;
   Index forward_blocks(Index n_q, Index n_k, Index d_k, Index d_v, bool, Index) const {
     return 2 * projection_blocks(n_k) +
            (n_q + query_block_rows(d_k, d_v) - 1) / query_block_rows(d_k, d_v);

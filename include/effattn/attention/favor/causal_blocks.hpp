@@ -38,12 +38,13 @@ class CausalBlocks : public CausalPieces<S, Map> {
   using Base::feature_width;
   using Base::sum_causal_keys;
 
-  /// Rows of a causal block for a sequence of n tokens: whole chunks, at least 2, and at most 32
-  /// blocks. The key sums a split adds cost the same share of the work at any block count, so
-  /// the blocks are as many as the memory for their sums allows (two feature × d_v sums each).
+  /// Rows of a causal block for a sequence of n tokens: whole chunks, at least 8, and at most 32
+  /// blocks. The key sums a split adds cost the same share of the work at any block count, but
+  /// a block run in order (one thread per head) pays for its prefix sums' merges: blocks of 2
+  /// chunks cost 10 % at 8 heads on 1 thread, blocks of 8 nothing measurable.
   Index causal_block_rows(Index n) const {
     const Index c = chunk(true), fair = (n + max_causal_blocks - 1) / max_causal_blocks;
-    return std::max(2 * c, (fair + c - 1) / c * c);
+    return std::max(8 * c, (fair + c - 1) / c * c);
   }
   Index causal_blocks(Index n) const {
     const Index rows = causal_block_rows(n);
