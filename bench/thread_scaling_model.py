@@ -23,6 +23,11 @@ ends (work a split adds, such as Favor's causal key sums, counts against it). Ta
   SWEEP_SHARE and 1 − SWEEP_SHARE of a block's backward).
 - lowrank (h:1): E k and F v in 2·2 blocks (256 projected rows), half of the forward, then the
   query blocks that wait for them; backward one task.
+- lsh (h:1, the default 4 rounds of chunks of 64). One thread runs the blocks in order; with two
+  or more: n/256 blocks of rows hash their keys (HASH of the forward, by flop counts), 4 blocks sort
+  a round each (no cost), then a block per 64 sorted positions of each round, each merging
+  after the one before it. Backward, once the forward is done: those chunk blocks again, then
+  blocks of 512 rows that finish the gradients (no cost).
 - anything else: `tasks` equal tasks.
 What it leaves out: memory bandwidth shared by the cores, merges' own time and the start of a
 parallel region (microseconds). A second run at 2 threads is printed beside the prediction.
@@ -50,6 +55,8 @@ def runs(path):
 
 KEY_SUM = 0.4  # a block's key sums over its forward (K' and K'ᵀV of K', Q', Q'K'ᵀ, AV, Q'S, K'ᵀV)
 SWEEP_SHARE = 0.5  # the first (queries) sweep's share of a causal block's backward
+LSH_ROUNDS, LSH_CHUNK = 4, 64  # the bench's LSH settings (LSHConfig's defaults)
+HASH = 0.2  # hashing's share of an LSH forward: 2·n·d·b/2 against 4·n·w·d flops per round
 
 
 def finish_time(tasks, threads):
@@ -97,6 +104,25 @@ def causal_favor(forward, backward, n, threads):
     return tasks
 
 
+def lsh(forward, backward, n, threads):
+    """Tasks of an LSH call of one head (forward time, backward time or 0)."""
+    if threads < 2:
+        return independent([forward + backward])
+    r, chunks = LSH_ROUNDS, math.ceil(n / LSH_CHUNK)
+    h = math.ceil(n / 256)
+    tasks = [(HASH * forward / h, [], []) for _ in range(h)]  # rows' buckets in every round
+    tasks += [(0.0, list(range(h)), []) for _ in range(r)]  # each round's sort and chunks
+    ready = list(range(h + r))
+    for _ in range(r * chunks):  # chunk blocks, merged in block order
+        tasks.append(((1 - HASH) * forward / (r * chunks), ready, [len(tasks) - 1]))
+    if backward == 0:
+        return tasks
+    done = list(range(len(tasks)))
+    for i in range(r * chunks):
+        tasks.append((backward / (r * chunks), done, [len(tasks) - 1] if i else []))
+    return tasks
+
+
 def staged(stages):
     """Stages of (count, total cost), each task waiting for every task of the stage before."""
     tasks, previous = [], []
@@ -136,6 +162,8 @@ def grid(name, b, forward_row, threads):
             if train:
                 stages += [(blocks, (total - forward) / 3)] * 3
             return staged(stages)
+        if policy == "lsh":
+            return lsh(forward, total - forward if train else 0, n, threads)
         if policy == "lowrank":
             queries = max(1, int(row.get("tasks", 5)) - 4)
             stages = [(4, forward / 2), (queries, forward / 2)]

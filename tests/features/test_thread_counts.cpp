@@ -50,6 +50,18 @@ Result<S> run(Core& core, const SequenceShape& shape, Index d, int threads) {
   return r;
 }
 
+// A lone head of n tokens makes `forward` and `backward` tasks at 2 threads, and one task (its
+// blocks in order) at 1 thread.
+template <class Core>
+void check_split(Core& core, Index n, Index d, Index forward, Index backward) {
+  const auto two = run(core, SequenceShape{1, n}, d, 2);
+  CHECK(two.forward_tasks == forward);
+  CHECK(two.backward_tasks == backward);
+  const auto one = run(core, SequenceShape{1, n}, d, 1);
+  CHECK(one.forward_tasks == 1);
+  CHECK(one.backward_tasks == 1);
+}
+
 // Bitwise equality, without printing the matrices when it fails.
 template <class S>
 bool same_bits(const Matrix<S>& a, const Matrix<S>& b) {
@@ -88,6 +100,12 @@ TEMPLATE_TEST_CASE("Every policy gives the same bits at 1, 2, 3 and 7 threads",
   // Causal Favor in chunks of 16: 8 blocks of 128 rows, the last of 4.
   same_bits_at_every_thread_count<Favor<float>, Masking>({.features = 32, .chunk = 16}, 16);
   same_bits_at_every_thread_count<LSHAttention<float>, Masking>({.chunk = 32, .rounds = 2}, 16);
+  // Windows both ways (a chunk's gradients reach the rows of the chunks on either side), keys
+  // met in several rounds counted once, only the own bucket.
+  same_bits_at_every_thread_count<LSHAttention<float>, Masking>(
+      {.chunk = 24, .rounds = 3, .buckets = 8, .look_forward = 1, .dedup = true}, 16);
+  same_bits_at_every_thread_count<LSHAttention<double>, Masking>(
+      {.chunk = 40, .rounds = 2, .same_bucket = true}, 16);
   if constexpr (!Masking::causal)
     // 200 projected rows: two blocks of E k and two of F v, then the query blocks.
     same_bits_at_every_thread_count<LowRank<float>, Masking>(
@@ -111,12 +129,7 @@ TEST_CASE("A lone head's causal Favor runs as blocks when threads are to spare",
   // tasks); backward also the key blocks (22). One thread: one task, the blocks in order.
   AttentionCore<Favor<float>, Causal> core({.features = 16, .chunk = 16}, HeadLayout{1, 8, 8, 0});
   CHECK(core.policy().causal_blocks(900) == 8);
-  const auto two = run(core, SequenceShape{1, 900}, 8, 2);
-  CHECK(two.forward_tasks == 14);
-  CHECK(two.backward_tasks == 22);
-  const auto one = run(core, SequenceShape{1, 900}, 8, 1);
-  CHECK(one.forward_tasks == 1);
-  CHECK(one.backward_tasks == 1);
+  check_split(core, 900, 8, 14, 22);
   // Long sequences: 32 blocks of whole chunks; short ones: blocks of 8 chunks.
   CHECK(core.policy().causal_blocks(100000) == 32);
   CHECK(core.policy().causal_block_rows(100000) % 16 == 0);
@@ -224,4 +237,16 @@ TEST_CASE("Decoding splits a long cache into blocks: the same bits at every thre
   core.forward(q, k, v, whole, {batch, total}, {batch, total}, false);
   CHECK(reference::relative_error(first[1], rows_of(whole, prefix, 1)) < 1e-5);
   CHECK(reference::relative_error(first[2], rows_of(whole, prefix + 1, 3)) < 1e-5);
+}
+
+TEMPLATE_TEST_CASE("A lone head's LSH attention runs as a task per round and per chunk",
+                   "[threads]", Bidirectional, Causal) {
+  // 900 tokens in chunks of 32, 2 rounds. Forward: 4 blocks of 256 rows hash their keys, a
+  // block per round sorts and cuts it, then a block per 32 sorted positions of each round, 29,
+  // runs the chunks that start there: 4 + 2 + 58 = 64 tasks. Backward: a block per round (its
+  // chunks), the 58 chunk blocks, and 2 blocks of 512 rows that finish the gradients (62).
+  // Causal chunks also end at bucket ends, so a block may run several: the same blocks.
+  AttentionCore<LSHAttention<float>, TestType> core({.chunk = 32, .rounds = 2},
+                                                    HeadLayout{1, 8, 8, 0});
+  check_split(core, 900, 8, 64, 62);
 }

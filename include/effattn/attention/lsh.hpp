@@ -8,6 +8,7 @@
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "effattn/attention/attention_policy.hpp"
@@ -56,9 +57,11 @@ namespace effattn {
 /// Any n works: the last chunk is shorter (equivalent to internal padding that is never
 /// attended). Rows at padded positions give 0. Cost per head: rounds · (4·n·w·d for the
 /// w ≤ (look_back + 1 + look_forward)·c keys a query sees, + 2·n·d·b/2 hashing) + O(rounds·n)
-/// sorting; scratch O(rounds·n + c·w) per thread; forward keeps each round's order and
-/// buckets and each row's log-sum-exp (O(rounds·n)) for backward, which reuses them: the
-/// buckets are held fixed, gradients flow through q, k (including the normalisation) and v.
+/// sorting; memory O(rounds·n) per head (the orders, buckets and chunk cuts its blocks
+/// share) and O(c·w) per thread; forward keeps each round's order and buckets and each row's
+/// log-sum-exp (O(rounds·n)) for backward, which reuses them: the buckets are held fixed,
+/// gradients flow through q, k (including the normalisation) and v. A head's rounds and chunks
+/// are tasks that all threads share (forward_blocks), with the same bits at any thread count.
 template <class S = float>
 class LSHAttention {
  public:
@@ -204,86 +207,204 @@ class LSHAttention {
 
   std::size_t scratch_bytes(Index n_q, Index /*n_k*/, Index d_k, Index d_v) const {
     using W = Workspace;
-    const Index n = n_q, r = config_.rounds, c = std::min(config_.chunk, n), w = config_.window(n);
+    const Index n = n_q, c = std::min(config_.chunk, n), w = config_.window(n);
+    const Index rows = block_rows(n, true), keys = block_keys(n, true);
     const BucketPlan bp = plan(n);
-    const std::size_t ints = W::bytes_for<std::int32_t>(r * n), scalars = W::bytes_for<S>(n);
-    const std::size_t starts =
-        W::bytes_for<std::int32_t>(detail::lsh::max_chunks(n, config_.chunk, bp.buckets) + 1);
-    // 1/‖k‖, chunk boundaries, chunk of every token (dedup) and a chunk's gathered rows.
-    const std::size_t common =
-        scalars + starts + (config_.dedup ? ints + r * starts : 0) + Chunk::bytes(c, w, d_k, d_v);
-    const std::size_t hashing =
-        detail::lsh::hashing_bytes<S>(n, d_k, r, bp) + W::bytes_for<Index>(bp.buckets + 2);
-    // Forward: order, buckets and log-sum-exp (when not saved), then hashing or the chunks.
-    const std::size_t fwd =
-        2 * ints + 2 * scalars +
-        std::max(hashing, common + W::bytes_for<S>(c * d_v) + W::bytes_for<S>(c));
-    // Backward: D, and the chunk's gradients.
-    const std::size_t bwd = common + scalars + W::bytes_for<S>(c * d_v) + W::bytes_for<S>(c * w) +
-                            W::bytes_for<S>(w * d_v) + W::bytes_for<S>(c * d_k) +
-                            W::bytes_for<S>(w * d_k);
-    return std::max(fwd, bwd);
+    // A round's hashing and counting sort; a block's chunk (gathered rows, logits) and its
+    // result (forward: output, max and sum; backward: its gradients).
+    const std::size_t hashing = std::max(detail::lsh::hashing_bytes<S>(n, d_k, config_.rounds, bp),
+                                         W::bytes_for<Index>(bp.buckets + 2));
+    const std::size_t chunk = Chunk::bytes(c, w, d_k, d_v) +
+                              std::max(W::bytes_for<S>(rows * d_v) + 3 * W::bytes_for<S>(rows),
+                                       ChunkGradients::bytes(c, w, rows, keys, d_k, d_v));
+    // forward() and backward() called on their own take the blocks' shared memory here.
+    return W::bytes_for<S>(shared_scalars(n, n, d_k, d_v, true)) + std::max(hashing, chunk);
+  }
+
+  /// Blocks (attention_policy.hpp), the same at any thread count.
+  /// - Forward: blocks of 256 rows that hash their keys in every round (and prepare their
+  ///   rows); a block per round that sorts it and cuts it into chunks; then, round-major, a
+  ///   block per c sorted positions of each round, which runs the chunks that start there (one;
+  ///   causal chunks end at bucket ends, so there one or more): their queries over their
+  ///   windows, each row with its own max, merged into the rows' running max, sum and output
+  ///   in block order. So every row adds its rounds in order; the last round's merge
+  ///   normalises it.
+  /// - Backward: a block per round (its chunks, its share of D = dO·O and of the key norms),
+  ///   the chunk blocks, whose gradients are added to their rows in block order, then blocks of
+  ///   512 rows that finish the gradients.
+  ///
+  /// With threads to spare (`spread` ≥ 2: at least two threads per (sequence, head)) the blocks
+  /// are tasks; otherwise a call is one task that runs them in order, so that each thread keeps
+  /// one head's rows in its caches (interleaving 8 heads' blocks on one thread cost 10–25 %).
+  /// Both merge in the same order: the same bits.
+  Index forward_blocks(Index n_q, Index, Index, Index, bool, Index spread) const {
+    return spread >= 2 ? split_forward_blocks(n_q) : 1;
+  }
+  Index backward_blocks(Index n_q, Index, Index, Index, bool, Index spread) const {
+    return spread >= 2 ? split_backward_blocks(n_q) : 1;
+  }
+  Index split_forward_blocks(Index n) const {
+    return hash_blocks(n) + config_.rounds * (1 + chunk_blocks(n));
+  }
+  Index split_backward_blocks(Index n) const {
+    return config_.rounds * (1 + chunk_blocks(n)) + finish_blocks(n);
+  }
+  /// Chunk blocks per round: one per c sorted positions (every such span holds a chunk start,
+  /// as no chunk is longer than c).
+  Index chunk_blocks(Index n) const { return (n + config_.chunk - 1) / config_.chunk; }
+  /// What a call's blocks share: per row 1/‖k‖, the running max and sum (forward without a
+  /// Saved) and D; per round the sorted order and buckets (likewise) and the chunk cuts; per
+  /// hashing block whether its values are finite.
+  Index shared_scalars(Index n_q, Index, Index, Index, bool) const {
+    const Index ints = 2 * config_.rounds * n_q + hash_blocks(n_q) +
+                       Rounds::storage_ints(config_, max_chunks(n_q), n_q);
+    const Index size = Index(sizeof(S)), int_size = Index(sizeof(std::int32_t));
+    return 4 * n_q + (ints * int_size + size - 1) / size;
   }
 
   void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved* saved,
                const HeadContext& ctx, Workspace& ws) const {
-    const Index n = q.rows(), length = ctx.key_length;
+    detail::forward_in_block_order(*this, q, k, v, out, saved, ctx, ws);
+  }
+
+  template <class Order>
+  void forward_block(Index block, ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out,
+                     Saved* saved, const HeadContext& ctx, Workspace& ws, const Order& order,
+                     S* shared) const {
     const detail::EigenSingleThreadScope serial_products;
+    if (ctx.spread >= 2) return forward_step(block, q, k, v, out, saved, ctx, ws, order, shared);
+    for (Index b = 0; b < split_forward_blocks(q.rows()); ++b)
+      forward_step(b, q, k, v, out, saved, ctx, ws, detail::InCallOrder{}, shared);
+  }
+
+  template <class Order>
+  void backward_block(Index block, ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
+                      ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
+                      const HeadContext& ctx, Workspace& ws, const Order& order, S* shared) const {
+    const detail::EigenSingleThreadScope serial_products;
+    if (ctx.spread >= 2)
+      return backward_step(block, q, k, v, out, d_out, saved, d_q, d_k, d_v, ctx, ws, order,
+                           shared);
+    for (Index b = 0; b < split_backward_blocks(q.rows()); ++b)
+      backward_step(b, q, k, v, out, d_out, saved, d_q, d_k, d_v, ctx, ws, detail::InCallOrder{},
+                    shared);
+  }
+
+  // Block `block` of split_forward_blocks().
+  template <class Order>
+  void forward_step(Index block, ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out,
+                    Saved* saved, const HeadContext& ctx, Workspace& ws, const Order& order,
+                    S* shared) const {
     Workspace::Frame frame(ws);
-    std::int32_t* order = saved ? saved->order.data() : ws.take<std::int32_t>(config_.rounds * n);
-    std::int32_t* bucket = saved ? saved->bucket.data() : ws.take<std::int32_t>(config_.rounds * n);
-    // Rows combine rounds as one online softmax: running max m and sum z of exp(logit − m)
-    // over every round's keys, out holding Σ exp(logit − m)·v until the final division.
-    S* m = saved ? saved->max.data() : ws.take<S>(n);
-    S* z = saved ? saved->log_sum.data() : ws.take<S>(n);
-    hash_and_sort(k, length, ctx.head, order, bucket, ws);
-    Rounds rounds = chunking(order, bucket, n, length, ctx.causal, ws);
-    Chunk chunk(config_, scale(q.cols()), q, k, v, detail::lsh::inverse_norms(k, length, ws), ws);
-    std::fill(m, m + n, -std::numeric_limits<S>::infinity());
-    std::fill(z, z + n, S(0));
-    out.setZero();
-    const double pairs = forward_chunks(
-        rounds, chunk, out, m, z, [](Index, Index) { return true; }, ws);
-    for (Index t = 0; t < n; ++t) {
-      if (z[t] > S(0)) out.row(t) *= S(1) / z[t];
-      z[t] = z[t] > S(0) ? std::log(z[t]) : std::numeric_limits<S>::infinity();
+    const Index n = q.rows(), length = ctx.key_length, r = config_.rounds;
+    const SharedRows sh = shared_rows(shared, n);
+    std::int32_t* sorted = saved ? saved->order.data() : sh.order;
+    std::int32_t* bucket = saved ? saved->bucket.data() : sh.bucket;
+    S* m = saved ? saved->max.data() : sh.max;
+    S* z = saved ? saved->log_sum.data() : sh.sum;
+    Rounds rounds(config_, max_chunks(n), sorted, bucket, n, length, ctx.causal, sh.cuts);
+    const Index h = hash_blocks(n);
+    if (block < h) {  // hash_span rows: their buckets in every round, 1/‖k‖, start values
+      const Index t0 = block * hash_span, t1 = std::min(n, t0 + hash_span);
+      hash_rows(k, length, ctx.head, t0, t1, bucket, ws);
+      detail::lsh::inverse_norms(k, length, t0, t1, sh.inv_norm);
+      sh.finite[block] = detail::all_finite(v.middleRows(t0, t1 - t0));
+      out.middleRows(t0, t1 - t0).setZero();
+      for (Index t = t0; t < t1; ++t) {  // a padded row sees no key: log_sum = +∞
+        m[t] = -std::numeric_limits<S>::infinity();
+        z[t] = t < length ? S(0) : std::numeric_limits<S>::infinity();
+      }
+      record_work(0, double((std::min(t1, length) - std::min(t0, length)) * r * plan(n).columns()));
+      order([] {});
+      return;
     }
-    record_work(pairs, double(length * config_.rounds * plan(n).columns()));
+    if (block < h + r) {  // round block − h: its (bucket, position) order and its chunks
+      order.wait(h);
+      const Index round = block - h;
+      Workspace::Frame sort_frame(ws);
+      Index* count = ws.take<Index>(plan(n).buckets + 2);
+      detail::lsh::sort_by_bucket(bucket + round * n, n, length, plan(n).buckets,
+                                  sorted + round * n, count);
+      rounds.cut(round);
+      order([] {});
+      return;
+    }
+    order.wait(h + r);
+    const Index round = (block - h - r) / chunk_blocks(n);
+    rounds.select(round);
+    const auto [c0, c1] = chunks_of_block(rounds, (block - h - r) % chunk_blocks(n));
+    if (c0 == c1) return order([] {});  // past the valid tokens
+    Chunk chunk(config_, scale(q.cols()), q, k, v, sh.inv_norm, ws);
+    const Index rows = block_rows(n, ctx.causal);
+    auto o = ws.matrix<S>(rows, v.cols());
+    S* row_max = ws.take<S>(rows);
+    S* row_sum = ws.take<S>(rows);
+    S* factor = ws.take<S>(rows);
+    detail::lsh::prefetch_rows(out, rounds.order, rounds.first(c0), rounds.stop(c1 - 1), true);
+    const bool exact_mask = !std::all_of(sh.finite, sh.finite + h, [](auto f) { return f != 0; });
+    const double pairs = attend_chunks(rounds, c0, c1, chunk, exact_mask, o, row_max, row_sum);
+    order([&] {
+      merge_chunks(rounds, c0, c1, chunk, o, row_max, row_sum, factor, out, m, z, round + 1 == r);
+      record_work(pairs, 0);
+    });
   }
 
   void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
                 ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
                 const HeadContext& ctx, Workspace& ws) const {
-    const Index n = q.rows(), length = ctx.key_length;
-    const detail::EigenSingleThreadScope serial_products;
-    Workspace::Frame frame(ws);
-    Rounds rounds = chunking(saved.order.data(), saved.bucket.data(), n, length, ctx.causal, ws);
-    const S* inv_norm = detail::lsh::inverse_norms(k, length, ws);
-    Chunk chunk(config_, scale(q.cols()), q, k, v, inv_norm, ws);
-    S* delta = ws.take<S>(n);  // D_i = dO_i · O_i
-    for (Index t = 0; t < length; ++t)
-      delta[t] = d_out.row(t).dot(out.row(t));
-    d_q.setZero();
-    d_k.setZero();  // accumulates d k̂ first
-    d_v.setZero();
-    backward_chunks(
-        rounds, chunk, d_out, delta, saved.max.data(), saved.log_sum.data(), d_q, d_k, d_v,
-        [](Index, Index) { return true; }, ws);
-    finish_gradients(k, inv_norm, length, d_q, d_k);
+    detail::backward_in_block_order(*this, q, k, v, out, d_out, saved, d_q, d_k, d_v, ctx, ws);
   }
 
-  // The pieces of forward and backward, for mpi::ShardedLSH, which runs the chunks of each
-  // round on the rank that holds them, on rows gathered from other ranks (Chunk::rows_from).
+  // Block `block` of split_backward_blocks().
+  template <class Order>
+  void backward_step(Index block, ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
+                     ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
+                     const HeadContext& ctx, Workspace& ws, const Order& order, S* shared) const {
+    Workspace::Frame frame(ws);
+    const Index n = q.rows(), length = ctx.key_length, r = config_.rounds;
+    const Index chunk_end = r * (1 + chunk_blocks(n));
+    const SharedRows sh = shared_rows(shared, n);
+    Rounds rounds(config_, max_chunks(n), saved.order.data(), saved.bucket.data(), n, length,
+                  ctx.causal, sh.cuts);
+    if (block < r) {  // round `block`'s chunks; its share of the rows: 1/‖k‖, D = dO·O, zeros
+      rounds.cut(block);
+      const Index t0 = block * n / r, t1 = (block + 1) * n / r;
+      detail::lsh::inverse_norms(k, length, t0, t1, sh.inv_norm);
+      for (Index t = t0; t < t1; ++t)
+        sh.delta[t] = t < length ? d_out.row(t).dot(out.row(t)) : S(0);
+      d_q.middleRows(t0, t1 - t0).setZero();
+      d_k.middleRows(t0, t1 - t0).setZero();  // accumulates d k̂ first
+      d_v.middleRows(t0, t1 - t0).setZero();
+      order([] {});
+      return;
+    }
+    if (block < chunk_end) {
+      order.wait(r);
+      rounds.select((block - r) / chunk_blocks(n));
+      const auto [c0, c1] = chunks_of_block(rounds, (block - r) % chunk_blocks(n));
+      if (c0 == c1) return order([] {});
+      Chunk chunk(config_, scale(q.cols()), q, k, v, sh.inv_norm, ws);
+      ChunkGradients g(chunk, block_rows(n, ctx.causal), block_keys(n, ctx.causal), ws);
+      for (const auto* grad : {&d_q, &d_k, &d_v})
+        detail::lsh::prefetch_rows(*grad, rounds.order, rounds.first(c0), rounds.stop(c1 - 1),
+                                   true);
+      chunk_gradients(rounds, c0, c1, chunk, d_out, sh.delta, saved.max.data(),
+                      saved.log_sum.data(), g);
+      order([&] { add_chunk_gradients(rounds, c0, chunk, g, d_q, d_k, d_v); });
+      return;
+    }
+    order.wait(chunk_end);  // every chunk added: the scale, and through k̂ = k/‖k‖
+    const Index t0 = (block - chunk_end) * finish_rows, rows = std::min(finish_rows, n - t0);
+    finish_gradients(k.middleRows(t0, rows), sh.inv_norm + t0,
+                     std::clamp<Index>(length - t0, 0, rows), d_q.middleRows(t0, rows),
+                     d_k.middleRows(t0, rows));
+  }
+
+  // The pieces of the blocks, for mpi::ShardedLSH too, which runs the chunks of each round on
+  // the rank that holds them, on rows gathered from other ranks (Chunk::rows_from).
 
   using Rounds = detail::lsh::Chunking;
   using Chunk = detail::lsh::GatheredChunk<S>;
-
-  /// Every round's chunks (n tokens, the first `length` valid): Workspace-backed.
-  Rounds chunking(const std::int32_t* order, const std::int32_t* bucket, Index n, Index length,
-                  bool causal, Workspace& ws) const {
-    const Index chunks = detail::lsh::max_chunks(n, config_.chunk, plan(n).buckets);
-    return Rounds(config_, chunks, order, bucket, n, length, causal, ws);
-  }
 
   /// The first `columns` columns of the rotation of (head, round), into dst (d_k × columns).
   template <class Dst>
@@ -291,114 +412,183 @@ class LSHAttention {
     rotations_.copy(head, round, columns, dst);
   }
 
-  /// Forward's chunk loop: for every round and every chunk ci with owns(round, ci), the
-  /// chunk's queries run one step of the online softmax over their window, into their rows
-  /// (chunk.row(t)) of out (Σ exp(logit − m)·v), m (running max) and z (running sum).
-  /// Returns the query–key pairs computed.
+  /// Forward of chunks [c0, c1) of the selected round: their queries' softmax over their
+  /// windows, each row with its own max, in sorted order from rounds.first(c0): rows of o
+  /// (Σ_j exp(logit_j − max)·v_j), row_max and row_sum. Returns the query–key pairs computed.
+  /// With exact_mask, a row adds only the keys it sees (probability ≠ 0): a masked key's 0 · ∞
+  /// or 0 · NaN in P·V would otherwise reach it.
+  template <class AnyRounds, class O>
+  double attend_chunks(const AnyRounds& rounds, Index c0, Index c1, Chunk& chunk, bool exact_mask,
+                       O& o, S* row_max, S* row_sum) const {
+    double pairs = 0;
+    for (Index ci = c0; ci < c1; ++ci) {
+      const Index rows = chunk.logits(rounds, ci), at = rounds.first(ci) - rounds.first(c0);
+      pairs += double(rows * chunk.keys);
+      auto p = chunk.p.topLeftCorner(rows, chunk.keys);
+      for (Index a = 0; a < rows; ++a) {  // every row has its own key: max ≥ −1e5
+        row_max[at + a] = -std::numeric_limits<S>::infinity();
+        row_sum[at + a] = S(0);
+        detail::online_softmax_row(&p(a, 0), p.cols(), row_max[at + a], row_sum[at + a]);
+      }
+      auto o_c = o.middleRows(at, rows);
+      if (exact_mask) {
+        o_c.setZero();
+        for (Index a = 0; a < rows; ++a)
+          for (Index b = 0; b < chunk.keys; ++b)
+            if (p(a, b) != S(0)) o_c.row(a) += p(a, b) * chunk.vs.row(b);
+      } else {
+        chunk.mul.assign(o_c, p, chunk.vs.topRows(chunk.keys));
+      }
+    }
+    return pairs;
+  }
+
+  /// Merges attend_chunks' result into its rows (chunk.row(t)) of out (Σ exp(logit − m)·v), m
+  /// (running max) and z (running sum); with `last`, the rows are finished: out divided by z,
+  /// z replaced by log z (+∞ for a row that saw nothing).
+  /// `factor` is scratch of one value per row.
+  template <class AnyRounds, class O>
+  void merge_chunks(const AnyRounds& rounds, Index c0, Index c1, const Chunk& chunk, const O& o,
+                    const S* row_max, const S* row_sum, S* factor, View<S> out, S* m, S* z,
+                    bool last) const {
+    const Index s0 = rounds.first(c0), rows = rounds.stop(c1 - 1) - s0;
+    for (Index a = 0; a < rows; ++a)  // the rows' factors, with one vectorised exp
+      factor[a] = detail::merge_exponent(m[chunk.row(rounds.order[s0 + a])], row_max[a]);
+    detail::exp_shifted_sum(factor, rows, S(0));
+    for (Index s = s0; s < s0 + rows; ++s) {
+      const Index t = chunk.row(rounds.order[s]), a = s - s0;
+      detail::merge_unnormalised_row(out.row(t), m[t], z[t], o.row(a), row_max[a], row_sum[a],
+                                     factor[a]);
+      if (!last) continue;
+      if (z[t] > S(0)) out.row(t) *= S(1) / z[t];
+      z[t] = z[t] > S(0) ? std::log(z[t]) : std::numeric_limits<S>::infinity();
+    }
+  }
+
+  /// Workspace forward_chunks or backward_chunks take, with their Chunk, for n tokens.
+  std::size_t chunk_loop_bytes(Index n, Index d_k, Index d_v) const {
+    using W = Workspace;
+    const Index c = std::min(config_.chunk, n), w = config_.window(n);
+    return Chunk::bytes(c, w, d_k, d_v) +
+           std::max(W::bytes_for<S>(c * d_v) + 3 * W::bytes_for<S>(c),
+                    ChunkGradients::bytes(c, w, c, w, d_k, d_v));
+  }
+
+  /// The chunk loop of a forward: for every round and every chunk ci with owns(round, ci),
+  /// attend_chunks then merge_chunks into out, m and z (not finished). Returns the query–key
+  /// pairs computed.
   template <class AnyRounds, class Owns>
   double forward_chunks(AnyRounds& rounds, Chunk& chunk, View<S> out, S* m, S* z, Owns&& owns,
                         Workspace& ws) const {
     Workspace::Frame frame(ws);
     const Index c = chunk.qs.rows();
     auto o = ws.matrix<S>(c, out.cols());
-    S* rescale = ws.take<S>(c);  // each chunk row's factor for out
-    const bool prefetch = !chunk.gathers_rows();
-    // A masked key gets probability 0, but 0 · ∞ or 0 · NaN in P·V would still reach the row:
-    // when some value is not finite, rows add only the keys they see (probability ≠ 0).
+    S* row_max = ws.take<S>(c);
+    S* row_sum = ws.take<S>(c);
+    S* factor = ws.take<S>(c);
     const bool exact_mask = !detail::all_finite(chunk.v_);
     double pairs = 0;
     for (Index round = 0; round < config_.rounds; ++round) {
       rounds.select(round);
       for (Index ci = 0; ci < rounds.chunks(); ++ci) {
         if (!owns(round, ci)) continue;
-        const Index rows = chunk.logits(rounds, ci), q0 = rounds.first(ci);
-        if (prefetch) detail::lsh::prefetch_rows(out, rounds.order, q0, q0 + rows, true);
-        pairs += double(rows * chunk.keys);
-        auto p = chunk.p.topLeftCorner(rows, chunk.keys);
-        auto o_c = o.topRows(rows);
-        for (Index a = 0; a < rows; ++a) {  // every row has its own key: max ≥ −1e5
-          const Index r = chunk.row(rounds.order[q0 + a]);
-          rescale[a] = detail::online_softmax_row(&p(a, 0), p.cols(), m[r], z[r]);
-        }
-        if (exact_mask) {
-          o_c.setZero();
-          for (Index a = 0; a < rows; ++a)
-            for (Index b = 0; b < chunk.keys; ++b)
-              if (p(a, b) != S(0)) o_c.row(a) += p(a, b) * chunk.vs.row(b);
-        } else {
-          chunk.mul.assign(o_c, p, chunk.vs.topRows(chunk.keys));
-        }
-        for (Index a = 0; a < rows; ++a) {
-          auto row = out.row(chunk.row(rounds.order[q0 + a]));
-          if (rescale[a] == S(1))
-            row += o_c.row(a);
-          else
-            row = rescale[a] * row + o_c.row(a);
-        }
+        pairs += attend_chunks(rounds, ci, ci + 1, chunk, exact_mask, o, row_max, row_sum);
+        merge_chunks(rounds, ci, ci + 1, chunk, o, row_max, row_sum, factor, out, m, z, false);
       }
     }
     return pairs;
   }
 
-  /// Backward's chunk loop over the chunks with owns(round, ci): adds to the rows
-  /// (chunk.row(t)) of d_q the gradient of the unscaled queries' logits, of d_k that of the
-  /// unit keys k̂, of d_v that of the values, from d_out, delta (dO·O), and each row's
-  /// log-sum-exp as max and log_sum.
+  /// Chunks' gradients before they are added to their rows: of their queries' unscaled logits
+  /// (d_qs, in sorted order), of their windows' unit keys and values (d_ks, d_vs, of the tokens
+  /// `token`), and a chunk's scratch.
+  struct ChunkGradients {
+    /// For at most `rows` queries and `keys` window keys (over all the chunks).
+    ChunkGradients(const Chunk& chunk, Index max_rows, Index max_keys, Workspace& ws)
+        : d_o(ws.matrix<S>(chunk.qs.rows(), chunk.vs.cols())),
+          dp(ws.matrix<S>(chunk.qs.rows(), chunk.p.cols())),
+          d_qs(ws.matrix<S>(max_rows, chunk.qs.cols())),
+          d_ks(ws.matrix<S>(max_keys, chunk.ks.cols())),
+          d_vs(ws.matrix<S>(max_keys, chunk.vs.cols())),
+          token(ws.take<std::int32_t>(max_keys)) {}
+    static std::size_t bytes(Index c, Index w, Index rows, Index keys, Index d_k, Index d_v) {
+      using W = Workspace;
+      return W::bytes_for<S>(c * d_v) + W::bytes_for<S>(c * w) + W::bytes_for<S>(rows * d_k) +
+             W::bytes_for<S>(keys * d_k) + W::bytes_for<S>(keys * d_v) +
+             W::bytes_for<std::int32_t>(keys);
+    }
+    Eigen::Map<Matrix<S>, Eigen::Aligned64> d_o, dp, d_qs, d_ks, d_vs;
+    std::int32_t* token;
+    Index rows = 0, keys = 0;
+  };
+
+  /// The gradients of chunks [c0, c1) of the selected round into g, from d_out, delta (dO·O),
+  /// and each row's log-sum-exp as max and log_sum.
+  template <class AnyRounds>
+  void chunk_gradients(const AnyRounds& rounds, Index c0, Index c1, Chunk& chunk,
+                       ConstView<S> d_out, const S* delta, const S* max, const S* log_sum,
+                       ChunkGradients& g) const {
+    g.rows = g.keys = 0;
+    for (Index ci = c0; ci < c1; ++ci) {
+      const Index m = chunk.logits(rounds, ci), q0 = rounds.first(ci), keys = chunk.keys;
+      if (!chunk.gathers_rows() && ci + 1 < rounds.chunks())  // the next chunk's d_out
+        detail::lsh::prefetch_rows(d_out, rounds.order, rounds.first(ci + 1), rounds.stop(ci + 1));
+      auto p = chunk.p.topLeftCorner(m, keys);
+      for (Index a = 0; a < m; ++a) {
+        const Index r = chunk.row(rounds.order[q0 + a]);
+        g.d_o.row(a) = d_out.row(r);
+        p.row(a).array() -= max[r];  // exp(logit − max − log_sum), max first
+        detail::exp_shifted_sum(&p(a, 0), keys, log_sum[r]);
+      }
+      auto d_o_c = g.d_o.topRows(m);
+      auto d_vs_c = g.d_vs.middleRows(g.keys, keys);
+      chunk.mul.assign(d_vs_c, p.transpose(), d_o_c);
+      auto dp_c = g.dp.topLeftCorner(m, keys);
+      chunk.mul.assign(dp_c, d_o_c, chunk.vs.topRows(keys).transpose());
+      for (Index a = 0; a < m; ++a) {
+        const S da = delta[chunk.row(rounds.order[q0 + a])];
+        dp_c.row(a) = (p.row(a).array() * (dp_c.row(a).array() - da)).matrix();
+        dp_c(a, chunk.self[a]) = S(0);  // the self logit is a constant
+      }
+      auto d_qs_c = g.d_qs.middleRows(g.rows, m);
+      chunk.mul.assign(d_qs_c, dp_c, chunk.ks.topRows(keys));
+      auto d_ks_c = g.d_ks.middleRows(g.keys, keys);
+      chunk.mul.assign(d_ks_c, dp_c.transpose(), chunk.qs.topRows(m));  // qs carries the scale
+      std::copy(chunk.token, chunk.token + keys, g.token + g.keys);
+      g.rows += m;
+      g.keys += keys;
+    }
+  }
+
+  /// Adds chunk_gradients' result (chunks from c0 on) to its rows (chunk.row(t)): d_q that of
+  /// the unscaled queries' logits, d_k that of the unit keys k̂, d_v that of the values.
+  template <class AnyRounds>
+  void add_chunk_gradients(const AnyRounds& rounds, Index c0, const Chunk& chunk,
+                           const ChunkGradients& g, View<S> d_q, View<S> d_k, View<S> d_v) const {
+    const Index s0 = rounds.first(c0);
+    for (Index a = 0; a < g.rows; ++a)
+      d_q.row(chunk.row(rounds.order[s0 + a])) += g.d_qs.row(a);
+    for (Index b = 0; b < g.keys; ++b) {
+      const Index r = chunk.row(g.token[b]);
+      d_k.row(r) += g.d_ks.row(b);
+      d_v.row(r) += g.d_vs.row(b);
+    }
+  }
+
+  /// The chunk loop of a backward: chunk_gradients then add_chunk_gradients for every round
+  /// and every chunk ci with owns(round, ci).
   template <class AnyRounds, class Owns>
   void backward_chunks(AnyRounds& rounds, Chunk& chunk, ConstView<S> d_out, const S* delta,
                        const S* max, const S* log_sum, View<S> d_q, View<S> d_k, View<S> d_v,
                        Owns&& owns, Workspace& ws) const {
     Workspace::Frame frame(ws);
-    const Index dk = chunk.qs.cols(), dv = chunk.vs.cols(), c = chunk.qs.rows();
-    const Index w = chunk.p.cols();
-    const bool prefetch = !chunk.gathers_rows();
-    auto d_o = ws.matrix<S>(c, dv);
-    auto dp = ws.matrix<S>(c, w);
-    auto d_vs = ws.matrix<S>(w, dv);
-    auto d_qs = ws.matrix<S>(c, dk);
-    auto d_ks = ws.matrix<S>(w, dk);
+    ChunkGradients g(chunk, chunk.qs.rows(), chunk.p.cols(), ws);
     for (Index round = 0; round < config_.rounds; ++round) {
       rounds.select(round);
       for (Index ci = 0; ci < rounds.chunks(); ++ci) {
         if (!owns(round, ci)) continue;
-        const Index m = chunk.logits(rounds, ci), q0 = rounds.first(ci), keys = chunk.keys;
-        // The rows this chunk's gradients are added to (its own tokens are new in the
-        // window), and the next chunk's output gradients.
-        if (prefetch) {
-          for (const auto* grad : {&d_q, &d_k, &d_v})
-            detail::lsh::prefetch_rows(*grad, rounds.order, q0, q0 + m, true);
-          if (ci + 1 < rounds.chunks())
-            detail::lsh::prefetch_rows(d_out, rounds.order, rounds.first(ci + 1),
-                                       rounds.stop(ci + 1));
-        }
-        auto p = chunk.p.topLeftCorner(m, keys);
-        for (Index a = 0; a < m; ++a) {
-          const Index r = chunk.row(rounds.order[q0 + a]);
-          d_o.row(a) = d_out.row(r);
-          p.row(a).array() -= max[r];  // exp(logit − max − log_sum), max first
-          detail::exp_shifted_sum(&p(a, 0), keys, log_sum[r]);
-        }
-        auto d_o_c = d_o.topRows(m);
-        auto d_vs_c = d_vs.topRows(keys);
-        chunk.mul.assign(d_vs_c, p.transpose(), d_o_c);
-        auto dp_c = dp.topLeftCorner(m, keys);
-        chunk.mul.assign(dp_c, d_o_c, chunk.vs.topRows(keys).transpose());
-        for (Index a = 0; a < m; ++a) {
-          const S da = delta[chunk.row(rounds.order[q0 + a])];
-          dp_c.row(a) = (p.row(a).array() * (dp_c.row(a).array() - da)).matrix();
-          dp_c(a, chunk.self[a]) = S(0);  // the self logit is a constant
-        }
-        auto d_qs_c = d_qs.topRows(m);
-        chunk.mul.assign(d_qs_c, dp_c, chunk.ks.topRows(keys));
-        auto d_ks_c = d_ks.topRows(keys);
-        chunk.mul.assign(d_ks_c, dp_c.transpose(), chunk.qs.topRows(m));  // qs carries the scale
-        for (Index a = 0; a < m; ++a)
-          d_q.row(chunk.row(rounds.order[q0 + a])) += d_qs_c.row(a);
-        for (Index b = 0; b < keys; ++b) {
-          const Index r = chunk.row(chunk.token[b]);
-          d_k.row(r) += d_ks_c.row(b);
-          d_v.row(r) += d_vs_c.row(b);
-        }
+        chunk_gradients(rounds, ci, ci + 1, chunk, d_out, delta, max, log_sum, g);
+        add_chunk_gradients(rounds, ci, chunk, g, d_q, d_k, d_v);
       }
     }
   }
@@ -423,20 +613,61 @@ class LSHAttention {
                     detail::concat("a round in [0, ", config_.rounds, ")"));
   }
 
-  // Buckets of every round (padding: the extra bucket b), then the (bucket, position) order.
-  void hash_and_sort(ConstView<S> k, Index length, Index head, std::int32_t* order,
-                     std::int32_t* bucket, Workspace& ws) const {
-    Workspace::Frame frame(ws);
-    const Index n = k.rows(), r = config_.rounds;
-    const BucketPlan bp = plan(n);
+  // Rows a forward's hashing block takes (the height of its products).
+  static constexpr Index hash_span = detail::lsh::hash_rows;
+  Index hash_blocks(Index n) const { return (n + hash_span - 1) / hash_span; }
+  // Rows a backward's finishing block takes.
+  static constexpr Index finish_rows = 512;
+  Index finish_blocks(Index n) const { return (n + finish_rows - 1) / finish_rows; }
+  Index max_chunks(Index n) const {
+    return detail::lsh::max_chunks(n, config_.chunk, plan(n).buckets);
+  }
+  // Most queries and window keys of one chunk block: the chunks starting in c sorted
+  // positions reach at most 2c − 1 positions (causal; one chunk otherwise), and their windows,
+  // within (look_back + look_forward + 2)·c positions, hold each key at most
+  // look_back + 1 + look_forward times.
+  Index block_rows(Index n, bool causal) const {
+    return std::min(n, (causal ? 2 : 1) * config_.chunk);
+  }
+  Index block_keys(Index n, bool causal) const {
+    const Index lb = config_.look_back, lf = config_.look_forward;
+    return causal ? (lb + 1 + lf) * std::min(n, (lb + lf + 2) * config_.chunk) : config_.window(n);
+  }
+  // Chunks [c0, c1) of the selected round that start in sorted positions [j·c, (j + 1)·c).
+  std::pair<Index, Index> chunks_of_block(const Rounds& rounds, Index j) const {
+    const auto starting_from = [&](Index s) {  // the first chunk that starts at s or later
+      Index lo = 0, hi = rounds.chunks();
+      while (lo < hi) {
+        const Index mid = (lo + hi) / 2;
+        if (rounds.first(mid) < s)
+          lo = mid + 1;
+        else
+          hi = mid;
+      }
+      return lo;
+    };
+    return {starting_from(j * config_.chunk), starting_from((j + 1) * config_.chunk)};
+  }
+
+  // The blocks' shared memory (shared_scalars): scalars first, then integers.
+  struct SharedRows {
+    S *inv_norm, *max, *sum, *delta;
+    std::int32_t *order, *bucket, *finite, *cuts;
+  };
+  SharedRows shared_rows(S* shared, Index n) const {
+    const Index r = config_.rounds;
+    auto* ints = reinterpret_cast<std::int32_t*>(shared + 4 * n);  // raw memory: see AttentionCore
+    return {shared, shared + n,   shared + 2 * n,   shared + 3 * n,
+            ints,   ints + r * n, ints + 2 * r * n, ints + 2 * r * n + hash_blocks(n)};
+  }
+
+  // The buckets of keys [t0, t1) in every round (padding gets the extra bucket b when sorted).
+  void hash_rows(ConstView<S> k, Index length, Index head, Index t0, Index t1, std::int32_t* bucket,
+                 Workspace& ws) const {
     detail::lsh::hash_keys<S>(
-        k, length, r, bp,
+        k, length, config_.rounds, plan(k.rows()),
         [&](Index round, Index columns, auto&& dst) { copy_rotation(head, round, columns, dst); },
-        bucket, ws);
-    Index* count = ws.take<Index>(bp.buckets + 2);
-    for (Index round = 0; round < r; ++round)
-      detail::lsh::sort_by_bucket(bucket + round * n, n, length, bp.buckets, order + round * n,
-                                  count);
+        bucket, ws, t0, t1);
   }
 
   Config config_;

@@ -133,4 +133,37 @@ void merge_softmax_rows(Out&& out, const O& o, S* lse, const S* l, Index rows) {
   }
 }
 
+/// The same merge for partial results kept unnormalised: a row's running max m, sum z of
+/// exp(logit − m) and out = Σ exp(logit − m)·v, and another set of keys' m_part, z_part, o_part
+/// (z_part = 0: it saw none). LSH's rounds and mpi::ShardedLSH's ranks merge this way, because
+/// their rows may see only their own key (logit −1e5), where float cannot hold m + log z to
+/// the precision backward needs; m = −∞, z = 0 starts a row. `f` is exp(−|m − m_part|), the
+/// factor of the part with the smaller max (merge_factor, or computed for many rows at once).
+template <class S, class Out, class O>
+void merge_unnormalised_row(Out&& out, S& m, S& z, const O& o_part, S m_part, S z_part, S f) {
+  if (z_part == S(0)) return;
+  if (m == -std::numeric_limits<S>::infinity()) {  // the first part: what f = 0 would give
+    out = o_part;
+    z = z_part;
+    m = m_part;
+  } else if (m_part > m) {
+    out = f * out + o_part;
+    z = f * z + z_part;
+    m = m_part;
+  } else {
+    out += f * o_part;
+    z += f * z_part;
+  }
+}
+/// The exponent of merge_unnormalised_row's factor (0 for a row's first part).
+template <class S>
+S merge_exponent(S m, S m_part) {
+  return m == -std::numeric_limits<S>::infinity() ? S(0) : -std::abs(m - m_part);
+}
+/// merge_unnormalised_row with its factor computed here.
+template <class S, class Out, class O>
+void merge_unnormalised_row(Out&& out, S& m, S& z, const O& o_part, S m_part, S z_part) {
+  merge_unnormalised_row(out, m, z, o_part, m_part, z_part, std::exp(merge_exponent(m, m_part)));
+}
+
 }  // namespace effattn::detail

@@ -17,6 +17,7 @@
 #include "effattn/core/error.hpp"
 #include "effattn/core/parallel.hpp"
 #include "effattn/core/sequence_shape.hpp"
+#include "effattn/core/softmax.hpp"
 #include "effattn/core/types.hpp"
 #include "effattn/core/workspace.hpp"
 #include "effattn/core/workspace_pool.hpp"
@@ -183,22 +184,10 @@ class ShardedLSH {
       p.log_sum.assign(std::size_t(local_length()), S(0));
       exchange_.for_each_returned(
           std::size_t(problem), d_value() + 2, recv_.data(), [&](Index row, const S* r) {
-            S& m = p.max[std::size_t(row)];
-            S& z = p.log_sum[std::size_t(row)];
-            const S m_part = r[d_value()], z_part = r[d_value() + 1];
-            if (z_part == S(0)) return;
-            auto o = out.row(b * local_length() + row).segment(head * d_value(), d_value());
-            const Eigen::Map<const RowVector<S>> o_part(r, d_value());
-            if (m_part > m) {
-              const S f = std::exp(m - m_part);
-              o = f * o + o_part;
-              z = f * z + z_part;
-              m = m_part;
-            } else {
-              const S f = std::exp(m_part - m);
-              o += f * o_part;
-              z += f * z_part;
-            }
+            effattn::detail::merge_unnormalised_row(
+                out.row(b * local_length() + row).segment(head * d_value(), d_value()),
+                p.max[std::size_t(row)], p.log_sum[std::size_t(row)],
+                Eigen::Map<const RowVector<S>>(r, d_value()), r[d_value()], r[d_value() + 1]);
           });
       for (Index row = 0; row < local_length(); ++row) {
         S& z = p.log_sum[std::size_t(row)];
@@ -463,15 +452,10 @@ class ShardedLSH {
     threads_ = max_threads();
     pool_.resize(threads_);
     const Index n = shards().total(), r = policy.config().rounds;
-    const Index c = std::min(policy.config().chunk, n), w = policy.config().window(n);
     const Index dk = d_key(), dv = d_value();
-    const auto plan = policy.plan(n);
-    const std::size_t loops = W::bytes_for<S>(c * dv) + W::bytes_for<S>(c * w) +
-                              W::bytes_for<S>(w * dv) + W::bytes_for<S>(c * dk) +
-                              W::bytes_for<S>(w * dk) + W::bytes_for<S>(c);
     pool_.reserve_each(
-        std::max({effattn::detail::lsh::hashing_bytes<S>(local_length(), dk, r, plan),
-                  W::bytes_for<S>(local_length()), Policy::Chunk::bytes(c, w, dk, dv) + loops}));
+        std::max({effattn::detail::lsh::hashing_bytes<S>(local_length(), dk, r, policy.plan(n)),
+                  W::bytes_for<S>(local_length()), policy.chunk_loop_bytes(n, dk, dv)}));
   }
 
   detail::ShardedCall call_;

@@ -21,19 +21,25 @@ template <class S>
 inline constexpr S self_logit = S(-1e5);
 
 /// Most chunks a round of n tokens has with b buckets (causal chunks stop at bucket
-/// boundaries, so each bucket may add one).
+/// boundaries, so each bucket may add one; a chunk has at least one token).
 inline Index max_chunks(Index n, Index chunk, Index buckets) {
-  return (n + chunk - 1) / chunk + buckets;
+  return std::min(n, (n + chunk - 1) / chunk + buckets);
 }
 
-/// 1/‖k_t‖ for the first `length` rows of k (0 for a zero row and for padding).
+/// inv[t] = 1/‖k_t‖ for rows [t0, t1) of k, the first `length` valid (0 for a zero row and for
+/// padding).
 template <class S>
-S* inverse_norms(ConstView<S> k, Index length, Workspace& ws) {
-  S* inv = ws.take<S>(k.rows());
-  for (Index t = 0; t < k.rows(); ++t) {
+void inverse_norms(ConstView<S> k, Index length, Index t0, Index t1, S* inv) {
+  for (Index t = t0; t < t1; ++t) {
     const S norm = t < length ? k.row(t).norm() : S(0);
     inv[t] = norm > S(0) ? S(1) / norm : S(0);
   }
+}
+/// The same for every row, into the workspace.
+template <class S>
+S* inverse_norms(ConstView<S> k, Index length, Workspace& ws) {
+  S* inv = ws.take<S>(k.rows());
+  inverse_norms(k, length, 0, k.rows(), inv);
   return inv;
 }
 
@@ -67,43 +73,65 @@ inline bool window_sees(const LSHConfig& cfg, bool causal, Index diff, Index chu
   return wrapped <= cfg.look_forward || wrapped >= chunks - cfg.look_back;
 }
 
+/// Every round's sorted order cut into chunks. A round is cut once (cut(round): its chunk
+/// starts, and with dedup each token's chunk) into storage the tasks of a call share;
+/// select(round) then only points at the round's cuts, so any task may read any round.
 class Chunking {
  public:
-  /// Rounds of `order` and `bucket` (rounds × n each) with `max_chunks` bounding the chunks
-  /// of one round; dedup also numbers every token's chunk in every round.
+  /// Where the cuts live: each round's chunk starts (max_chunks + 1 each), chunk count, and with
+  /// dedup each token's chunk (n each).
+  static Index storage_ints(const LSHConfig& config, Index max_chunks, Index n) {
+    return config.rounds * (max_chunks + 2) + (config.dedup ? config.rounds * n : 0);
+  }
+
+  /// Rounds of `all_order` and `all_bucket` (rounds × n each), the first `length` tokens
+  /// valid, with `max_chunks` bounding the chunks of one round; `storage` holds
+  /// storage_ints(config, max_chunks, n) entries.
   Chunking(const LSHConfig& config, Index max_chunks, const std::int32_t* all_order,
-           const std::int32_t* all_bucket, Index n, Index length, bool causal, Workspace& ws)
+           const std::int32_t* all_bucket, Index n, Index length, bool causal,
+           std::int32_t* storage)
       : config_(config),
         all_order_(all_order),
         all_bucket_(all_bucket),
         n_(n),
         length_(length),
+        max_chunks_(max_chunks),
         local_(causal),
-        start_(ws.take<std::int32_t>(max_chunks + 1)) {
-    if (!config_.dedup) return;
-    const Index r = config_.rounds;
-    chunk_of_ = ws.take<std::int32_t>(r * n);
-    for (Index round = 0; round < r; ++round) {
-      select(round);
-      for (Index ci = 0; ci < chunks_; ++ci)
-        for (Index s = start_[ci]; s < start_[ci + 1]; ++s)
-          chunk_of_[round * n + order[s]] = static_cast<std::int32_t>(ci);
-      global_chunks_ = chunks_;
+        starts_(storage),
+        counts_(storage + config.rounds * (max_chunks + 1)),
+        chunk_of_(config.dedup ? counts_ + config.rounds : nullptr) {}
+
+  /// Cuts round `round` into chunks (and selects it).
+  void cut(Index round) {
+    select(round);
+    std::int32_t* start = starts_ + round * (max_chunks_ + 1);
+    const Index c = config_.chunk;
+    Index chunks = 0;
+    for (Index s = 0; s < length_; ++s) {
+      const bool new_bucket = local_ && s > 0 && bucket[order[s]] != bucket[order[s - 1]];
+      if (s == 0 || new_bucket || s - start[chunks - 1] == c)
+        start[chunks++] = static_cast<std::int32_t>(s);
     }
+    start[chunks] = static_cast<std::int32_t>(length_);
+    counts_[round] = static_cast<std::int32_t>(chunks);
+    if (chunk_of_)
+      for (Index ci = 0; ci < chunks; ++ci)
+        for (Index s = start[ci]; s < start[ci + 1]; ++s)
+          chunk_of_[round * n_ + order[s]] = static_cast<std::int32_t>(ci);
+    select(round);
+  }
+  /// Cuts every round (one task doing a whole call).
+  void cut_all() {
+    for (Index round = 0; round < config_.rounds; ++round)
+      cut(round);
   }
 
-  /// Cuts round `round` into chunks.
+  /// Points at round `round`, cut before.
   void select(Index round) {
     order = all_order_ + round * n_;
     bucket = all_bucket_ + round * n_;
-    const Index c = config_.chunk;
-    chunks_ = 0;
-    for (Index s = 0; s < length_; ++s) {
-      const bool new_bucket = local_ && s > 0 && bucket[order[s]] != bucket[order[s - 1]];
-      if (s == 0 || new_bucket || s - start_[chunks_ - 1] == c)
-        start_[chunks_++] = static_cast<std::int32_t>(s);
-    }
-    start_[chunks_] = static_cast<std::int32_t>(length_);
+    start_ = starts_ + round * (max_chunks_ + 1);
+    chunks_ = counts_[round];
   }
 
   Index chunks() const { return chunks_; }
@@ -136,7 +164,7 @@ class Chunking {
   }
 
   /// Rounds in which query i may attend to key j (dedup): j in i's window, and in its
-  /// bucket when that is required.
+  /// bucket when that is required. Needs every round cut.
   Index shared_rounds(Index i, Index j) const {
     const LSHConfig& cfg = config_;
     Index count = 0;
@@ -145,7 +173,7 @@ class Chunking {
       const std::int32_t* ch = chunk_of_ + round * n_;
       const bool same = b[i] == b[j];
       if ((cfg.same_bucket || local_) && !same) continue;
-      count += window_sees(cfg, local_, ch[j] - ch[i], global_chunks_);
+      count += window_sees(cfg, local_, ch[j] - ch[i], counts_[round]);
     }
     return count;
   }
@@ -158,11 +186,13 @@ class Chunking {
   const LSHConfig& config_;
   const std::int32_t* all_order_;
   const std::int32_t* all_bucket_;
-  Index n_, length_;
+  Index n_, length_, max_chunks_;
   bool local_;
-  std::int32_t* start_;
-  std::int32_t* chunk_of_ = nullptr;  // rounds × n (dedup only)
-  Index chunks_ = 0, global_chunks_ = 0;
+  std::int32_t* starts_;    // rounds × (max_chunks + 1)
+  std::int32_t* counts_;    // rounds
+  std::int32_t* chunk_of_;  // rounds × n (dedup only)
+  const std::int32_t* start_ = nullptr;
+  Index chunks_ = 0;
 };
 
 /// A query chunk's gathered queries, keys and values, and its masked logits.

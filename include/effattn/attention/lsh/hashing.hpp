@@ -150,33 +150,37 @@ std::size_t hashing_bytes(Index n, Index d_k, Index rounds, const BucketPlan& bp
          Products<S>::bytes(Products<S>::capacity(d_k, rounds * bp.columns()));
 }
 
-/// bucket[round·n + t] for the first `length` keys of k and every round: the angular argmax
-/// of k_t times the round's rotation (two argmaxes when factorised, h1 + b1·h2). `rotation`
-/// gives (round, columns, dst) the round's rotation.
+/// bucket[round·n + t] for every round and keys t of rows [t0, t1) of the first `length` of
+/// k (all of them by default): the angular argmax of k_t times the round's rotation (two
+/// argmaxes when factorised, h1 + b1·h2). `rotation` gives (round, columns, dst) the round's
+/// rotation. A key's buckets do not depend on the rows hashed with it.
 template <class S, class RotationOf>
 void hash_keys(ConstView<S> k, Index length, Index rounds, const BucketPlan& bp,
-               RotationOf&& rotation, std::int32_t* bucket, Workspace& ws) {
+               RotationOf&& rotation, std::int32_t* bucket, Workspace& ws, Index t0 = 0,
+               Index t1 = -1) {
   Workspace::Frame frame(ws);
   const Index n = k.rows(), cols = bp.columns();
+  t1 = t1 < 0 ? length : std::min(t1, length);
+  if (t1 <= t0) return;
   if (bp.buckets == 1) {  // no hashing: one bucket
     for (Index round = 0; round < rounds; ++round)
-      std::fill(bucket + round * n, bucket + round * n + length, 0);
+      std::fill(bucket + round * n + t0, bucket + round * n + t1, 0);
     return;
   }
   auto rot = ws.matrix<S>(k.cols(), rounds * cols);
   for (Index round = 0; round < rounds; ++round)
     rotation(round, cols, rot.middleCols(round * cols, cols));
-  auto proj = ws.matrix<S>(std::min(hash_rows, std::max<Index>(length, 1)), rounds * cols);
+  auto proj = ws.matrix<S>(std::min(hash_rows, t1 - t0), rounds * cols);
   const Products<S> mul(ws, Products<S>::capacity(k.cols(), rounds * cols));
-  for (Index t0 = 0; t0 < length; t0 += hash_rows) {
-    const Index rows = std::min(hash_rows, length - t0);
-    mul.assign(proj.topRows(rows), k.middleRows(t0, rows), rot);
+  for (Index r0 = t0; r0 < t1; r0 += hash_rows) {
+    const Index rows = std::min(hash_rows, t1 - r0);
+    mul.assign(proj.topRows(rows), k.middleRows(r0, rows), rot);
     for (Index i = 0; i < rows; ++i)
       for (Index round = 0; round < rounds; ++round) {
         const S* x = &proj(i, round * cols);
         Index h = angular_argmax(x, bp.first / 2);
         if (bp.second > 1) h += bp.first * angular_argmax(x + bp.first / 2, bp.second / 2);
-        bucket[round * n + t0 + i] = static_cast<std::int32_t>(h);
+        bucket[round * n + r0 + i] = static_cast<std::int32_t>(h);
       }
   }
 }
