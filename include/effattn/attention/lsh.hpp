@@ -227,7 +227,8 @@ class LSHAttention {
   ///   block per c sorted positions of each round, which runs the chunks that start there (one;
   ///   causal chunks end at bucket ends, so there one or more): their queries over their
   ///   windows, each row with its own max, merged into the rows' running max, sum and output
-  ///   in block order. So every row adds its rounds in order; the last round's merge
+  ///   once every block of the rounds before has merged (a round's blocks merge side by side:
+  ///   they hold each row once). So every row adds its rounds in order; the last round's merge
   ///   normalises it.
   /// - Backward: a block per round (its chunks, its share of D = dO·O and of the key norms),
   ///   the chunk blocks, whose gradients are added to their rows in block order, then blocks of
@@ -343,10 +344,12 @@ class LSHAttention {
     detail::lsh::prefetch_rows(out, rounds.order, rounds.first(c0), rounds.stop(c1 - 1), true);
     const bool exact_mask = !std::all_of(sh.finite, sh.finite + h, [](auto f) { return f != 0; });
     const double pairs = attend_chunks(rounds, c0, c1, chunk, exact_mask, o, row_max, row_sum);
-    order([&] {
-      merge_chunks(rounds, c0, c1, chunk, o, row_max, row_sum, factor, out, m, z, round + 1 == r);
-      record_work(pairs, 0);
-    });
+    // A round's chunks hold each row once: its blocks merge side by side, once every block of
+    // the rounds before has merged (their steps run after their merges).
+    order.wait(h + r + round * chunk_blocks(n));
+    merge_chunks(rounds, c0, c1, chunk, o, row_max, row_sum, factor, out, m, z, round + 1 == r);
+    order([] {});
+    record_work(pairs, 0);
   }
 
   void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
