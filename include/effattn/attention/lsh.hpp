@@ -384,7 +384,9 @@ class LSHAttention {
     if (block < chunk_end) {
       order.wait(r);
       rounds.select((block - r) / chunk_blocks(n));
-      const auto [c0, c1] = chunks_of_block(rounds, (block - r) % chunk_blocks(n));
+      // (named, not bound: clang 14 cannot capture a structured binding)
+      const std::pair<Index, Index> span = chunks_of_block(rounds, (block - r) % chunk_blocks(n));
+      const Index c0 = span.first, c1 = span.second;
       if (c0 == c1) return order([] {});
       Chunk chunk(config_, scale(q.cols()), q, k, v, sh.inv_norm, ws);
       ChunkGradients g(chunk, block_rows(n, ctx.causal), block_keys(n, ctx.causal), ws);
