@@ -138,7 +138,8 @@ void merge_softmax_rows(Out&& out, const O& o, S* lse, const S* l, Index rows) {
 /// (z_part = 0: it saw none). LSH's rounds and mpi::ShardedLSH's ranks merge this way, because
 /// their rows may see only their own key (logit −1e5), where float cannot hold m + log z to
 /// the precision backward needs; m = −∞, z = 0 starts a row. `f` is exp(−|m − m_part|), the
-/// factor of the part with the smaller max (merge_factor, or computed for many rows at once).
+/// factor of the part with the smaller max (exp of merge_exponent, computed here or for many rows
+/// at once).
 template <class S, class Out, class O>
 void merge_unnormalised_row(Out&& out, S& m, S& z, const O& o_part, S m_part, S z_part, S f) {
   if (z_part == S(0)) return;

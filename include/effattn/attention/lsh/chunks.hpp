@@ -120,11 +120,6 @@ class Chunking {
           chunk_of_[round * n_ + order[s]] = static_cast<std::int32_t>(ci);
     select(round);
   }
-  /// Cuts every round (one task doing a whole call).
-  void cut_all() {
-    for (Index round = 0; round < config_.rounds; ++round)
-      cut(round);
-  }
 
   /// Points at round `round`, cut before.
   void select(Index round) {
