@@ -22,7 +22,9 @@ ends (work a split adds, such as Favor's causal key sums, counts against it). Ta
   first sweeps from the last back (merging in that order), then the second sweeps (each
   SWEEP_SHARE and 1 − SWEEP_SHARE of a block's backward).
 - lowrank (h:1): E k and F v in 2·2 blocks (256 projected rows), half of the forward, then the
-  query blocks that wait for them; backward one task.
+  query blocks that wait for them. Backward: the same query blocks (the attention's backward
+  over the projected rows, ATTENTION_SHARE of it by flop counts), then, once all have run, a task
+  per 128 tokens of E's and F's gradient columns and of d_k and d_v (4·n/128, equal costs).
 - lsh (h:1, the default 4 rounds of chunks of 64). One thread runs the blocks in order; with two
   or more: n/256 blocks of rows hash their keys (HASH of the forward, by flop counts), 4 blocks sort
   a round each (no cost), then a block per 64 sorted positions of each round, each merging
@@ -56,6 +58,7 @@ def runs(path):
 KEY_SUM = 0.4  # a block's key sums over its forward (K' and K'ᵀV of K', Q', Q'K'ᵀ, AV, Q'S, K'ᵀV)
 SWEEP_SHARE = 0.5  # the first (queries) sweep's share of a causal block's backward
 LSH_ROUNDS, LSH_CHUNK = 4, 64  # the bench's LSH settings (LSHConfig's defaults)
+ATTENTION_SHARE = 5 / 9  # LowRank backward: 5 products of n·r·d in attention, 4 in projections
 HASH = 0.2  # hashing's share of an LSH forward: 2·n·d·b/2 against 4·n·w·d flops per round
 
 
@@ -168,7 +171,9 @@ def grid(name, b, forward_row, threads):
             queries = max(1, int(row.get("tasks", 5)) - 4)
             stages = [(4, forward / 2), (queries, forward / 2)]
             if train:
-                stages.append((1, total - forward))
+                backward = total - forward
+                stages.append((queries, ATTENTION_SHARE * backward))
+                stages.append((4 * math.ceil(n / 128), (1 - ATTENTION_SHARE) * backward))
             return staged(stages)
     return independent([total / tasks] * tasks)
 

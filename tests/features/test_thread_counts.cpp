@@ -250,3 +250,71 @@ TEMPLATE_TEST_CASE("A lone head's LSH attention runs as a task per round and per
                                                     HeadLayout{1, 8, 8, 0});
   check_split(core, 900, 8, 64, 62);
 }
+
+namespace {
+
+// Every projection's gradient after one backward, concatenated in visiting order.
+template <class Policy>
+std::vector<Matrix<typename Policy::Scalar>> projection_gradients(Policy& policy) {
+  std::vector<Matrix<typename Policy::Scalar>> out;
+  policy.visit_parameters([&](auto, auto&, auto& g) { out.push_back(g); });
+  return out;
+}
+
+template <template <class> class Projection>
+void low_rank_gradients_at_every_thread_count(typename Projection<float>::Config projection,
+                                              ProjectionSharing sharing) {
+  using Policy = LowRank<float, Projection>;
+  for (const auto& shape : {SequenceShape{1, 896}, SequenceShape{3, 896, {896, 613, 7}}}) {
+    AttentionCore<Policy> core({.projection = projection, .sharing = sharing},
+                               HeadLayout{2, 16, 16, 5});
+    std::vector<Matrix<float>> first;
+    Result<float> one;
+    for (const int threads : {1, 2, 3, 7}) {
+      CAPTURE(Projection<float>::name, int(sharing), shape.batch, threads);
+      core.policy().zero_grad();
+      const auto r = run(core, shape, 16, threads);
+      const auto grads = projection_gradients(core.policy());
+      if (threads == 1) {
+        one = r;
+        first = grads;
+        REQUIRE(!first.empty());
+        for (const auto& g : first)
+          REQUIRE(!g.isZero());
+        continue;
+      }
+      CHECK(same_bits(r.dq, one.dq));
+      CHECK(same_bits(r.dk, one.dk));
+      CHECK(same_bits(r.dv, one.dv));
+      REQUIRE(grads.size() == first.size());
+      for (std::size_t i = 0; i < grads.size(); ++i)
+        CHECK(same_bits(grads[i], first[i]));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("LowRank's projection gradients have the same bits at every thread count",
+          "[threads][determinism][lowrank]") {
+  // Two heads whose gradients every sequence adds to: one E and F for both heads, one E for
+  // keys and values, one of each per head; the dense projection in blocks of 128 tokens (896:
+  // 7 blocks; 613 valid tokens end inside one), and the convolution's one task per projection.
+  for (const auto sharing :
+       {ProjectionSharing::headwise, ProjectionSharing::key_value, ProjectionSharing::none})
+    low_rank_gradients_at_every_thread_count<DenseProjection>({.k = 200, .n_max = 1000}, sharing);
+  low_rank_gradients_at_every_thread_count<ConvProjection>({.kernel = 7}, ProjectionSharing::none);
+}
+
+TEST_CASE("A lone head's LowRank backward runs as query blocks, then blocks of tokens",
+          "[threads][lowrank]") {
+  // 900 queries in blocks of 192 (two query tiles of 96): 5 blocks (one task running them in
+  // order at one thread). Then the projections, at any thread count: a task per 128 tokens of
+  // E's and F's gradient columns (2 × 8) and of d_k, d_v (2 × 8), 32, the most tasks.
+  AttentionCore<LowRank<float>> core({.projection = {.k = 200, .n_max = 900}},
+                                     HeadLayout{1, 16, 16, 0});
+  for (const int threads : {1, 2}) {
+    const auto r = run(core, SequenceShape{1, 900}, 16, threads);
+    CHECK(r.backward_tasks == 32);
+  }
+}

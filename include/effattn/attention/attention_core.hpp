@@ -191,12 +191,6 @@ class AttentionCore {
     const int threads = max_threads();
     pool_.resize(threads);
     pool_.reserve_each(policy_.scratch_bytes(n_q, n_k, dkw, dvw));
-    // A policy with parameters shared by every problem adds its gradient per worker (fixed
-    // schedule), then reduces the workers' sums in order: the same bits on every call.
-    constexpr bool reduces = requires(Policy & p) {
-      p.begin_backward(1, Index{1});
-      p.end_backward();
-    };
     // A policy whose backward runs in blocks (FullAttention: key blocks) has each problem's
     // blocks merge their shared result in block order: the same bits for every thread count.
     constexpr bool blocked = requires(const Policy& p) {
@@ -204,9 +198,14 @@ class AttentionCore {
         p.backward_blocks(Index{}, Index{}, Index{}, Index{}, true, Index{})
         } -> std::convertible_to<Index>;
     };
-    static_assert(!(reduces && blocked),
-                  "effattn: a policy's backward runs in blocks or reduces shared parameters' "
-                  "gradients per worker, not both");
+    // A blocked policy may finish with a stage over all problems together (LowRank: the
+    // projections, whose gradients every problem adds to), which reads what each problem's
+    // blocks shared.
+    constexpr bool finishes =
+        blocked && requires(const Policy& p, detail::ProblemGradients<S> (*at)(Index),
+                            Workspace& (*workspace)(int)) {
+      { p.finish_backward(Index{}, at, 1, workspace) } -> std::convertible_to<Index>;
+    };
     const Index problems = q_shape.batch * h;
     const Index spread = std::max<Index>(1, threads / problems);
     Index blocks = 1;
@@ -214,7 +213,7 @@ class AttentionCore {
       blocks = std::max<Index>(1, policy_.backward_blocks(n_q, n_k, dkw, dvw, causal, spread));
     const Shared sh =
         share_blocks(problems, blocks, blocked ? shared_scalars(n_q, n_k, dkw, dvw) : 0,
-                     policy_.scratch_bytes(n_q, n_k, dkw, dvw));
+                     policy_.scratch_bytes(n_q, n_k, dkw, dvw), !finishes);
     Workspace::Frame shared_frame(shared_);
     Scalar* const shared = sh.take(shared_, problems);
     const auto run = [&](Index problem, Index block, int slot, const auto& order) {
@@ -224,7 +223,6 @@ class AttentionCore {
       const auto qb = [&](auto& m, Index w) { return m.block(b * n_q, head * w, n_q, w); };
       const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
       HeadContext ctx = context(b, head, 0, q_shape, kv_shape);
-      ctx.worker = slot;
       ctx.spread = spread;
       const auto& saved = saved_[static_cast<std::size_t>(problem)];
       Workspace& ws = pool_[slot];
@@ -240,15 +238,26 @@ class AttentionCore {
     if constexpr (blocked) {
       run_blocks(problems, blocks, threads, run);
     } else {
-      // A policy that reduces shared parameters' gradients per worker needs the fixed schedule.
-      if constexpr (reduces) policy_.begin_backward(threads, n_k);
       last_tasks_ = problems;
-      parallel_for(
-          problems, threads,
-          [&](Index problem, int slot) { run(problem, 0, slot, detail::InCallOrder{}); },
-          reduces ? Schedule::fixed : Schedule::dynamic);
+      parallel_for(problems, threads,
+                   [&](Index problem, int slot) { run(problem, 0, slot, detail::InCallOrder{}); });
     }
-    if constexpr (reduces) policy_.end_backward();
+    if constexpr (finishes) {
+      const Index tasks = policy_.finish_backward(
+          problems,
+          [&](Index problem) {
+            const Index b = problem / h, head = problem % h;
+            const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
+            return detail::ProblemGradients<S>{kb(k, dkw),
+                                               kb(v, dvw),
+                                               kb(dk, dkw),
+                                               kb(dv, dvw),
+                                               context(b, head, 0, q_shape, kv_shape),
+                                               shared + problem * sh.share};
+          },
+          threads, [&](int slot) -> Workspace& { return pool_[slot]; });
+      last_tasks_ = std::max(last_tasks_, tasks);
+    }
   }
 
   /// Incremental causal decoding: every (sequence, head)'s decode state (FullAttention: its
@@ -448,8 +457,9 @@ class AttentionCore {
       return in_thread ? ws.take<Scalar>(share) : shared + problem * share;
     }
   };
-  Shared share_blocks(Index problems, Index blocks, Index share, std::size_t scratch) {
-    const Shared sh{share, blocks == 1};
+  Shared share_blocks(Index problems, Index blocks, Index share, std::size_t scratch,
+                      bool may_keep_in_thread = true) {
+    const Shared sh{share, blocks == 1 && may_keep_in_thread};
     if (sh.in_thread)
       pool_.reserve_each(scratch + Workspace::bytes_for<Scalar>(share));
     else

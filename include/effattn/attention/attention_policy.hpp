@@ -88,7 +88,11 @@ concept PolicyHasBackward = PolicyHasScalar<P> && PolicyHasSavedState<P> &&
 ///   decode_blocks(m, n), decode_append(k, v, state) and decode_block(block, q, out, head,
 ///   state, workspace, order): decoding in blocks of the cache;
 ///   query_grain(d_k, d_v) → Index: with splits_queries, the rows a query slice is a multiple
-///   of (the policy's query tile), so that a split does not change any row's bits.
+///   of (the policy's query tile), so that a split does not change any row's bits;
+///   finish_backward(problems, at, threads, workspace) → Index (tasks): with backward blocks, a
+///   stage over every problem of the call together, after all their blocks (LowRank: the
+///   projections, whose gradients every problem adds to, summed in a fixed order); at(problem)
+///   gives a detail::ProblemGradients, workspace(slot) a thread's Workspace.
 /// `order` (detail::StepOrder) runs a block's merge after the merges of the blocks before it
 /// (order(f)) and waits for the first n blocks' merges (order.wait(n)); AttentionCore hands the
 /// blocks out step-major across problems. Blocks are fixed rows of the sequence, never a share
@@ -102,6 +106,16 @@ concept AttentionPolicy = PolicyHasScalar<P> && PolicyStatesCapabilities<P> &&
     PolicyHasForward<P> && PolicyHasBackward<P>;
 
 namespace detail {
+
+/// One (sequence, head) of a call as a policy's finish_backward sees it: its keys, values,
+/// their gradients, its context and what its backward blocks shared.
+template <class S>
+struct ProblemGradients {
+  ConstView<S> k, v;
+  View<S> d_k, d_v;
+  HeadContext ctx;
+  const S* shared;
+};
 
 /// One static_assert per requirement, so the compiler's first message says which is missing.
 template <class P>

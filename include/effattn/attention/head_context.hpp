@@ -18,10 +18,6 @@ struct HeadContext {
   Index key_length = 0;
   Index causal_shift = 0;
   bool causal = false;
-  /// The calling thread's slot in [0, threads) (AttentionCore's parallel loop): a policy that
-  /// adds to state shared by every problem (a learned projection's gradient) keeps one partial
-  /// sum per worker, so that the result does not depend on thread timing.
-  int worker = 0;
   /// Threads the call has for each (sequence, head) (AttentionCore: threads / problems, at least
   /// 1). A policy may split a head into more blocks when it is 2 or more, where the split costs
   /// work a single thread would not do, provided the bits stay the same (Favor's causal blocks).

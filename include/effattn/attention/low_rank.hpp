@@ -58,9 +58,9 @@ enum class ProjectionSharing {
 /// zero_grad) and hands it out by shared_projection(); pass that to the other layers'
 /// Config::shared and they use it (adding their gradients to it) without visiting it, so an
 /// optimiser updates it once. Copying a LowRank copies its own projections and keeps
-/// sharing a layerwise one (the copy does not visit it). Under AttentionCore each worker
-/// thread sums its problems' projection gradients apart and the sums are added in worker
-/// order (begin_backward/end_backward), so repeated calls give the same bits.
+/// sharing a layerwise one (the copy does not visit it). The projections' gradients are
+/// summed over the heads and sequences of a call in a fixed order (backward_projections), so
+/// every thread count gives the same bits.
 template <class S = float, template <class> class Projection = DenseProjection>
 class LowRank {
  public:
@@ -156,8 +156,8 @@ class LowRank {
   }
 
   /// Calls f(name, value, gradient) for each projection this layer owns: "E" and "F"
-  /// (headwise), "E" (key_value; layerwise, in the layer that made it), "E_h<i>", "F_h<i>"
-  /// (none). Nothing for projections without parameters.
+  /// (headwise), "E" (key_value; layerwise, in the layer that made it), "E.<h>", "F.<h>"
+  /// (none: head h's). Nothing for projections without parameters.
   template <class F>
   void visit_parameters(F&& f) {
     if constexpr (Proj::learned) {
@@ -206,14 +206,21 @@ class LowRank {
   /// projected_block_rows rows (a projection without forward_rows, such as pooling, in one
   /// block each); then the queries, in blocks of whole query tiles of the attention over the
   /// projected rows. No block merges with another, so the bits do not depend on the threads.
-  /// Backward is one task per (sequence, head): its projections' gradients are summed per
-  /// worker (begin_backward).
+  /// Backward runs the same query blocks: each adds its part of the gradients of E k and F v in
+  /// block order; then finish_backward runs the projections' part of every (sequence, head) of
+  /// the call together (backward_projections), so that the projections' gradients, which all
+  /// of them add to, are summed in a fixed order: the same bits at every thread count.
   static constexpr Index projected_block_rows = 128;
   Index forward_blocks(Index n_q, Index n_k, Index d_k, Index d_v, bool, Index) const {
-    return 2 * projection_blocks(n_k) +
-           (n_q + query_block_rows(d_k, d_v) - 1) / query_block_rows(d_k, d_v);
+    return 2 * projection_blocks(n_k) + query_blocks(n_q, d_k, d_v);
   }
-  /// E k and F v when the call keeps no Saved.
+  /// Backward's query blocks are tasks of their own only with threads to spare (spread ≥ 2);
+  /// otherwise one task runs them in order, with its keys hot in its caches (the same bits:
+  /// interleaving 8 heads' blocks on one thread cost 7-15 % with pooled projections).
+  Index backward_blocks(Index n_q, Index, Index d_k, Index d_v, bool, Index spread) const {
+    return spread >= 2 ? query_blocks(n_q, d_k, d_v) : 1;
+  }
+  /// Forward: E k and F v when the call keeps no Saved; backward: their gradients.
   Index shared_scalars(Index, Index n_k, Index d_k, Index d_v, bool) const {
     return slots_.front()->rows(n_k) * (d_k + d_v);
   }
@@ -262,15 +269,151 @@ class LowRank {
   void backward(ConstView<S> q, ConstView<S> k, ConstView<S> v, ConstView<S> out,
                 ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S> d_k, View<S> d_v,
                 const HeadContext& ctx, Workspace& ws) const {
-    const detail::EigenSingleThreadScope serial_products;
     Workspace::Frame frame(ws);
-    auto d_kp = ws.matrix<S>(saved.keys.rows(), saved.keys.cols());
-    auto d_vp = ws.matrix<S>(saved.values.rows(), saved.values.cols());
-    attention_.backward(q, saved.keys, saved.values, out, d_out, saved.attention, d_q, d_kp, d_vp,
-                        projected_context(ctx, k.rows()), ws);
-    slots_[slot(ctx.head, false)]->backward(k, ctx.key_length, d_kp, d_k, ws, ctx.worker);
-    slots_[slot(ctx.head, true)]->backward(v, ctx.key_length, d_vp, d_v, ws, ctx.worker);
+    S* shared = ws.take<S>(shared_scalars(q.rows(), k.rows(), q.cols(), v.cols(), false));
+    const Index blocks = query_blocks(q.rows(), q.cols(), v.cols());
+    for (Index b = 0; b < blocks; ++b)
+      query_block_backward(b, q, k.rows(), out, d_out, saved, d_q, ctx, ws, detail::InCallOrder{},
+                           shared);
+    backward_projections(
+        1, [&](Index) { return part_of(k, v, d_k, d_v, ctx, shared); }, 1,
+        [&](int) -> Workspace& { return ws; });
   }
+
+  /// Block `block` of backward_blocks(): its query rows' part of the attention's backward over
+  /// the projected rows (their rows of d_q), whose gradients of E k and F v it adds to `shared`
+  /// inside order(step), in block order (the first block sets them). With spread < 2, the one
+  /// block runs every query block in order.
+  template <class Order>
+  void backward_block(Index block, ConstView<S> q, ConstView<S> k, ConstView<S>, ConstView<S> out,
+                      ConstView<S> d_out, const Saved& saved, View<S> d_q, View<S>, View<S>,
+                      const HeadContext& ctx, Workspace& ws, const Order& order, S* shared) const {
+    const auto part = [&](Index b, const auto& step) {
+      query_block_backward(b, q, k.rows(), out, d_out, saved, d_q, ctx, ws, step, shared);
+    };
+    if (ctx.spread >= 2) {
+      part(block, order);
+      return;
+    }
+    const Index blocks = query_blocks(q.rows(), saved.keys.cols(), saved.values.cols());
+    for (Index b = 0; b < blocks; ++b)
+      part(b, detail::InCallOrder{});
+  }
+
+  /// After every (sequence, head)'s backward blocks (AttentionCore calls it): the projections'
+  /// part of all of them, at(problem) giving a problem's keys, values, their gradients, its
+  /// context and its blocks' shared memory. Returns its tasks.
+  template <class At, class WorkspaceOf>
+  Index finish_backward(Index problems, At&& at, int threads, WorkspaceOf&& ws) const {
+    return backward_projections(
+        problems,
+        [&](Index problem) {
+          const auto p = at(problem);
+          return part_of(p.k, p.v, p.d_k, p.d_v, p.ctx, p.shared);
+        },
+        threads, ws);
+  }
+
+  /// One part of the projections' backward: rows of one head's keys and values (k, v) and their
+  /// gradients, of which the first `valid` are tokens (the rest padding), at positions
+  /// [first, first + k.rows()) of the sequence (first > 0: a shard of it), and the gradients
+  /// of that head's projected keys and values.
+  struct ProjectionPart {
+    Index head;
+    ConstView<S> k, v;
+    View<S> d_k, d_v;
+    Index valid, first;
+    ConstView<S> d_kp, d_vp;
+  };
+
+  /// The projections' backward of `parts` parts (part(i) → ProjectionPart), as tasks on
+  /// `threads` threads (workspace(slot) → the slot's Workspace): every part's d_k and d_v,
+  /// and the projections' gradients. A projection with backward_rows (DenseProjection) runs in
+  /// blocks of projection_block tokens: a task per block of a projection's gradient columns,
+  /// which adds the parts that use the projection in part order (keys before values), and a
+  /// task per block of each part's d_k or d_v rows. Every sum then has one order, so the bits
+  /// do not depend on the threads. Other learned projections run a task per projection over
+  /// its parts in order, and projections without parameters a task per part's keys or values.
+  /// Returns the tasks it ran.
+  template <class Part, class WorkspaceOf>
+  Index backward_projections(Index parts, Part&& part, int threads, WorkspaceOf&& workspace) const {
+    if (parts <= 0) return 0;
+    constexpr bool in_blocks = requires(Proj & p, ConstView<S> x, View<S> y, Workspace & ws) {
+      p.backward_rows(x, y, Index{}, ws);
+      p.add_gradient_columns(x, x, Index{}, ws);
+      p.prepare_gradient();
+    };
+    const Index projections = static_cast<Index>(slots_.size());
+    if constexpr (in_blocks) {
+      Index end = 0;  // the positions every part covers lie before it
+      for (Index i = 0; i < parts; ++i) {
+        const ProjectionPart p = part(i);
+        end = std::max(end, p.first + p.k.rows());
+      }
+      const Index blocks = (end + projection_block - 1) / projection_block;
+      if constexpr (Proj::learned)
+        for (auto& s : slots_)
+          s->prepare_gradient();
+      const Index gradient_tasks = Proj::learned ? projections * blocks : 0;
+      const Index tasks = gradient_tasks + 2 * parts * blocks;
+      parallel_for(tasks, threads, [&](Index task, int slot) {
+        Workspace& ws = workspace(slot);
+        if (task < gradient_tasks) {  // columns [c0, c0 + projection_block) of one projection
+          const Index s = task / blocks, c0 = (task % blocks) * projection_block;
+          for (Index i = 0; i < parts; ++i) {
+            const ProjectionPart p = part(i);
+            const Index lo = std::max(c0, p.first);
+            const Index hi = std::min(c0 + projection_block, p.first + p.valid);
+            if (lo >= hi) continue;
+            for (const bool values : {false, true})
+              if (slot_of(p.head, values) == s)
+                slots_[std::size_t(s)]->add_gradient_columns(
+                    (values ? p.v : p.k).middleRows(lo - p.first, hi - lo),
+                    values ? p.d_vp : p.d_kp, lo, ws);
+          }
+          return;
+        }
+        task -= gradient_tasks;  // one part's d_k or d_v rows at positions [c0, …)
+        const Index c0 = (task % blocks) * projection_block;
+        ProjectionPart p = part(task / blocks / 2);
+        const bool values = (task / blocks) % 2 == 1;
+        const Index lo = std::max(c0, p.first);
+        const Index hi = std::min(c0 + projection_block, p.first + p.k.rows());
+        if (lo >= hi) return;
+        const Index tokens = std::clamp<Index>(p.first + p.valid - lo, 0, hi - lo);
+        View<S> dx = (values ? p.d_v : p.d_k).middleRows(lo - p.first, hi - lo);
+        if (tokens > 0)
+          slots_[std::size_t(slot_of(p.head, values))]->backward_rows(values ? p.d_vp : p.d_kp,
+                                                                      dx.topRows(tokens), lo, ws);
+        dx.bottomRows(hi - lo - tokens).setZero();
+      });
+      return tasks;
+    } else {
+      const auto run = [&](const ProjectionPart& p, bool values, Workspace& ws) {
+        detail::require(p.first == 0, "LowRank", "part.first", p.first,
+                        "0: only a projection with backward_rows (DenseProjection) takes shards");
+        slots_[std::size_t(slot_of(p.head, values))]->backward(
+            values ? p.v : p.k, p.valid, values ? p.d_vp : p.d_kp, values ? p.d_v : p.d_k, ws);
+      };
+      if constexpr (Proj::learned) {
+        parallel_for(projections, threads, [&](Index s, int slot) {
+          for (Index i = 0; i < parts; ++i) {
+            const ProjectionPart p = part(i);
+            for (const bool values : {false, true})
+              if (slot_of(p.head, values) == s) run(p, values, workspace(slot));
+          }
+        });
+        return projections;
+      } else {
+        parallel_for(2 * parts, threads, [&](Index task, int slot) {
+          run(part(task / 2), task % 2 == 1, workspace(slot));
+        });
+        return 2 * parts;
+      }
+    }
+  }
+  /// Tokens per task of backward_projections.
+  static constexpr Index projection_block = 128;
 
   /// The attention over the projected rows (FullAttention with the logit scale), and its
   /// context for a call whose sequence has n_k keys: pieces for mpi::SequenceParallel, which
@@ -285,23 +428,41 @@ class LowRank {
                        false};
   }
 
-  /// Around a parallel backward (AttentionCore calls these): learned projections add their
-  /// gradients into one partial sum per worker, then into the gradient in worker order, so
-  /// repeated calls on the same thread count give the same bits; n_k (the keys per sequence of
-  /// the call) bounds the columns the partial sums need. Without them (a backward called
-  /// directly) gradients are added under a lock.
-  void begin_backward(int workers, Index n_k) {
-    if constexpr (Proj::learned)
-      for (auto& s : slots_)
-        s->begin_backward(workers, n_k);
-  }
-  void end_backward() {
-    if constexpr (Proj::learned)
-      for (auto& s : slots_)
-        s->end_backward();
+ private:
+  Index query_blocks(Index n_q, Index d_k, Index d_v) const {
+    return (n_q + query_block_rows(d_k, d_v) - 1) / query_block_rows(d_k, d_v);
   }
 
- private:
+  // Query block `block`'s part of backward (see backward_block).
+  template <class Order>
+  void query_block_backward(Index block, ConstView<S> q, Index n_k, ConstView<S> out,
+                            ConstView<S> d_out, const Saved& saved, View<S> d_q,
+                            const HeadContext& ctx, Workspace& ws, const Order& order,
+                            S* shared) const {
+    const detail::EigenSingleThreadScope serial_products;
+    Workspace::Frame frame(ws);
+    const Index r = saved.keys.rows(), d_k = saved.keys.cols(), d_v = saved.values.cols();
+    const Index tile = query_block_rows(d_k, d_v), i0 = block * tile;
+    const Index rows = std::min(tile, q.rows() - i0);
+    auto d_kp = ws.matrix<S>(r, d_k);
+    auto d_vp = ws.matrix<S>(r, d_v);
+    HeadContext projected = projected_context(ctx, n_k);
+    projected.query_offset = ctx.query_offset + i0;
+    attention_.backward(q.middleRows(i0, rows), saved.keys, saved.values, out.middleRows(i0, rows),
+                        d_out.middleRows(i0, rows), saved.attention, d_q.middleRows(i0, rows), d_kp,
+                        d_vp, projected, ws);
+    order([&] {
+      Eigen::Map<Matrix<S>> sum_k(shared, r, d_k), sum_v(shared + r * d_k, r, d_v);
+      if (block == 0) {
+        sum_k = d_kp;
+        sum_v = d_vp;
+      } else {
+        sum_k += d_kp;
+        sum_v += d_vp;
+      }
+    });
+  }
+
   Index projection_blocks(Index n_k) const {
     const Proj& p = *slots_.front();
     if constexpr (requires(Workspace & ws, ConstView<S> x, View<S> y) {
@@ -329,9 +490,28 @@ class LowRank {
   }
 
   std::size_t slot(Index head, bool values) const {
+    return static_cast<std::size_t>(slot_of(head, values));
+  }
+  Index slot_of(Index head, bool values) const {
     if (slots_.size() == 1) return 0;
     if (config_.sharing == ProjectionSharing::headwise) return values ? 1 : 0;
-    return static_cast<std::size_t>(2 * head + (values ? 1 : 0));
+    return 2 * head + (values ? 1 : 0);
+  }
+
+  // A (sequence, head)'s whole keys and values as a part of backward_projections, with the
+  // gradients of its projected keys and values where its backward blocks summed them.
+  ProjectionPart part_of(ConstView<S> k, ConstView<S> v, View<S> d_k, View<S> d_v,
+                         const HeadContext& ctx, const S* shared) const {
+    const Index r = slots_.front()->rows(k.rows());
+    return ProjectionPart{ctx.head,
+                          k,
+                          v,
+                          d_k,
+                          d_v,
+                          ctx.key_length,
+                          0,
+                          Eigen::Map<const Matrix<S>>(shared, r, k.cols()),
+                          Eigen::Map<const Matrix<S>>(shared + r * k.cols(), r, v.cols())};
   }
 
   std::string slot_name(std::size_t s) const {

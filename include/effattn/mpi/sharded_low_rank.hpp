@@ -139,26 +139,38 @@ class ShardedLowRank {
     });
     call_.comm().all_reduce(part_.data(), part_.size());
     bytes_sent_ += part_.size() * sizeof(S);
-    // Each rank's columns of dE and dF: partial sums per thread, added in thread order.
-    Index columns = 0;
-    for (const Segment& s : shards().segments(call_.comm().rank()))
-      columns = std::max(columns, s.offset + s.length);
-    policy.begin_backward(threads_, columns);
-    parallel_for(problems, threads_, [&](Index problem, int slot) {
-      const Index b = problem / layout().heads, head = problem % layout().heads;
-      const Eigen::Map<const Matrix<S>> d_kp(part_.data() + problem * r * width(), r, d_key());
-      const Eigen::Map<const Matrix<S>> d_vp(part_.data() + problem * r * width() + r * d_key(), r,
-                                             d_value());
-      for_each_segment(b, shape, [&](Index row, const Segment& s, Index keys) {
-        policy.projection(head, false)
-            .backward(rows(k, b, row, s.length, head, d_key()), keys, d_kp,
-                      rows(dk, b, row, s.length, head, d_key()), pool_[slot], slot, s.offset);
-        policy.projection(head, true)
-            .backward(rows(v, b, row, s.length, head, d_value()), keys, d_vp,
-                      rows(dv, b, row, s.length, head, d_value()), pool_[slot], slot, s.offset);
-      });
-    });
-    policy.end_backward();
+    // This rank's rows of dk, dv and columns of dE, dF: its segments of every sequence and head
+    // as the policy's projection parts.
+    struct Part {
+      Index problem, row;
+      Segment segment;
+      Index keys;
+    };
+    std::vector<Part> parts;
+    for (Index problem = 0; problem < problems; ++problem)
+      for_each_segment(problem / layout().heads, shape,
+                       [&](Index row, const Segment& s, Index keys) {
+                         parts.push_back({problem, row, s, keys});
+                       });
+    policy.backward_projections(
+        Index(parts.size()),
+        [&](Index i) {
+          const Part& p = parts[std::size_t(i)];
+          const Index b = p.problem / layout().heads, head = p.problem % layout().heads;
+          const Index length = p.segment.length;
+          const S* part = part_.data() + p.problem * r * width();
+          return typename Policy::ProjectionPart{
+              head,
+              rows(k, b, p.row, length, head, d_key()),
+              rows(v, b, p.row, length, head, d_value()),
+              rows(dk, b, p.row, length, head, d_key()),
+              rows(dv, b, p.row, length, head, d_value()),
+              p.keys,
+              p.segment.offset,
+              Eigen::Map<const Matrix<S>>(part, r, d_key()),
+              Eigen::Map<const Matrix<S>>(part + r * d_key(), r, d_value())};
+        },
+        threads_, [&](int slot) -> Workspace& { return pool_[slot]; });
   }
 
  private:

@@ -5,7 +5,7 @@
 #include <cstddef>
 #include <string_view>
 
-#include "effattn/attention/projections/gradient_sums.hpp"
+#include "effattn/attention/projections/locked_gradient.hpp"
 #include "effattn/attention/projections/sequence_projection.hpp"
 #include "effattn/attention/projections/windows.hpp"
 #include "effattn/core/counter_rng.hpp"
@@ -31,7 +31,7 @@ class ConvProjection : public detail::Windows {
   ConvProjection(const Config& config, CounterRng rng) : Windows(config, "ConvProjection") {
     filter_.resize(1, kernel());
     rng.fill_normal(filter_, 1.0 / std::sqrt(double(kernel())));
-    sums_.gradient(1, kernel());
+    gradient_.gradient(1, kernel());
   }
 
   std::size_t scratch_bytes(Index, Index) const { return Workspace::bytes_for<S>(kernel()); }
@@ -44,8 +44,7 @@ class ConvProjection : public detail::Windows {
     }
   }
 
-  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace& ws,
-                int worker = 0) {
+  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace& ws) {
     Workspace::Frame frame(ws);
     const Index kernel = this->kernel();
     auto d_f = ws.matrix<S>(1, kernel);
@@ -57,16 +56,14 @@ class ConvProjection : public detail::Windows {
       window.bottomRows(kernel - count).setZero();
       d_f.leftCols(count).noalias() += dy.row(i) * x.middleRows(first, count).transpose();
     }
-    sums_.add(worker, 1, kernel, [&](Matrix<S>& g) { g += d_f; });
+    gradient_.add(1, kernel, [&](Matrix<S>& g) { g += d_f; });
   }
-  void begin_backward(int workers, Index /*n*/) { sums_.begin(workers, 1, kernel(), kernel()); }
-  void end_backward() { sums_.end(); }
 
   template <class F>
   void visit_parameters(F&& f, std::string_view label) {
-    f(label, filter_, sums_.gradient(1, kernel()));
+    f(label, filter_, gradient_.gradient(1, kernel()));
   }
-  void zero_grad() { sums_.zero(); }
+  void zero_grad() { gradient_.zero(); }
 
   /// The filter f [1 × kernel].
   const Matrix<S>& weight() const { return filter_; }
@@ -76,11 +73,11 @@ class ConvProjection : public detail::Windows {
                     detail::concat("1 × kernel = 1×", kernel()));
     filter_ = f;
   }
-  const Matrix<S>& gradient() const { return sums_.gradient(); }
+  const Matrix<S>& gradient() const { return gradient_.gradient(); }
 
  private:
   Matrix<S> filter_;
-  detail::GradientSums<S> sums_;
+  detail::LockedGradient<S> gradient_;
 };
 
 static_assert(SequenceProjection<ConvProjection<float>>);

@@ -6,7 +6,7 @@
 #include <cstddef>
 #include <string_view>
 
-#include "effattn/attention/projections/gradient_sums.hpp"
+#include "effattn/attention/projections/locked_gradient.hpp"
 #include "effattn/attention/projections/sequence_projection.hpp"
 #include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
@@ -28,6 +28,10 @@ class DenseProjection {
  public:
   using Scalar = S;
   static constexpr const char* name = "dense";
+  /// Tokens per step: forward adds E's columns times x's rows a block at a time, backward makes
+  /// dx and dE of a block at a time (backward_rows and add_gradient_columns take at most this
+  /// many), so the packed operands stay O(column_block·w).
+  static constexpr Index column_block = 1024;
   static constexpr bool learned = true;
 
   struct Config {
@@ -85,29 +89,41 @@ class DenseProjection {
     }
   }
 
-  /// dx from dy, and dE's columns [first, first + valid) added to (see forward).
+  /// dx from dy, and dE's columns [first, first + valid) added to (see forward), under the
+  /// gradient's lock: backward_rows and add_gradient_columns over blocks of tokens.
   void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace& ws,
-                int worker = 0, Index first = 0) {
-    Workspace::Frame frame(ws);
-    const Products mul(ws, backward_capacity(x.cols()));
+                Index first = 0) {
     for (Index j0 = 0; j0 < valid; j0 += column_block) {
       const Index cols = std::min(column_block, valid - j0);
-      mul.assign(dx.middleRows(j0, cols), weight_.middleCols(first + j0, cols).transpose(), dy);
-      sums_.add(worker, config_.k, config_.n_max, [&](Matrix<S>& g) {
-        mul.add(g.middleCols(first + j0, cols), dy, x.middleRows(j0, cols).transpose());
+      backward_rows(dy, dx.middleRows(j0, cols), first + j0, ws);
+      gradient_.add(config_.k, config_.n_max, [&](Matrix<S>& g) {
+        add_columns(g, x.middleRows(j0, cols), dy, first + j0, ws);
       });
     }
     dx.bottomRows(x.rows() - valid).setZero();
   }
-  /// Before a parallel backward on sequences of n tokens: partial sums of dE's first n columns.
-  void begin_backward(int workers, Index n) { sums_.begin(workers, config_.k, config_.n_max, n); }
-  void end_backward() { sums_.end(); }
+
+  /// The rows of backward's dx for the tokens at positions [column, column + dx.rows()), all
+  /// valid: dx = E[:, column …]ᵀ · dy. At most column_block rows.
+  void backward_rows(ConstView<S> dy, View<S> dx, Index column, Workspace& ws) const {
+    Workspace::Frame frame(ws);
+    const Products mul(ws, backward_capacity(dy.cols()));
+    mul.assign(dx, weight_.middleCols(column, dx.rows()).transpose(), dy);
+  }
+  /// Adds dy · xᵀ to dE's columns [column, column + x.rows()) (x: the tokens there, all valid;
+  /// at most column_block), without a lock: the caller owns those columns while it runs, and
+  /// made the gradient first (prepare_gradient).
+  void add_gradient_columns(ConstView<S> x, ConstView<S> dy, Index column, Workspace& ws) {
+    add_columns(gradient_.gradient(config_.k, config_.n_max), x, dy, column, ws);
+  }
+  /// Makes dE (zero) if it does not exist yet: before threads add to its columns.
+  void prepare_gradient() { gradient_.gradient(config_.k, config_.n_max); }
 
   template <class F>
   void visit_parameters(F&& f, std::string_view label) {
-    f(label, weight_, sums_.gradient(config_.k, config_.n_max));
+    f(label, weight_, gradient_.gradient(config_.k, config_.n_max));
   }
-  void zero_grad() { sums_.zero(); }
+  void zero_grad() { gradient_.zero(); }
 
   /// E [k × n_max].
   const Matrix<S>& weight() const { return weight_; }
@@ -119,14 +135,18 @@ class DenseProjection {
   }
   /// dE [k × n_max], or an empty matrix until the first backward or visit (a projection
   /// used only for inference never holds a second k × n_max matrix).
-  const Matrix<S>& gradient() const { return sums_.gradient(); }
+  const Matrix<S>& gradient() const { return gradient_.gradient(); }
 
  private:
   using Products = detail::Products<S>;
 
-  // Tokens per step: forward adds E's columns times x's rows a block at a time, backward makes
-  // dx and dE of a block at a time, so the packed operands stay O(column_block·w).
-  static constexpr Index column_block = 1024;
+  void add_columns(Matrix<S>& g, ConstView<S> x, ConstView<S> dy, Index column,
+                   Workspace& ws) const {
+    Workspace::Frame frame(ws);
+    const Products mul(ws, backward_capacity(dy.cols()));
+    mul.add(g.middleCols(column, x.rows()), dy, x.transpose());
+  }
+
   // Forward packs a block of x (≤ column_block × w); backward packs dy (k × w), then a block
   // of xᵀ (w × column_block).
   static Index forward_capacity(Index n, Index w) {
@@ -138,7 +158,7 @@ class DenseProjection {
 
   Config config_;
   Matrix<S> weight_;
-  detail::GradientSums<S> sums_;
+  detail::LockedGradient<S> gradient_;
 };
 
 static_assert(SequenceProjection<DenseProjection<float>>);

@@ -39,7 +39,7 @@ class MaxPooling : public detail::Windows {
     }
   }
 
-  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace&, int = 0) {
+  void backward(ConstView<S> x, Index valid, ConstView<S> dy, View<S> dx, Workspace&) {
     const Index kernel = this->kernel(), w = x.cols();
     dx.setZero();
     for (Index i = 0; i < dy.rows(); ++i) {

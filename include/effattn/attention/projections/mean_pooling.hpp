@@ -38,7 +38,7 @@ class MeanPooling : public detail::Windows {
     }
   }
 
-  void backward(ConstView<S>, Index valid, ConstView<S> dy, View<S> dx, Workspace&, int = 0) {
+  void backward(ConstView<S>, Index valid, ConstView<S> dy, View<S> dx, Workspace&) {
     const Index kernel = this->kernel();
     const S inv = S(1) / S(kernel);
     for (Index j = 0; j < dx.rows(); ++j) {

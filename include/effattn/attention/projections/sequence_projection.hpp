@@ -21,15 +21,17 @@ namespace effattn {
 ///   check(component, n)         effattn::Error if n tokens cannot be projected
 ///   scratch_bytes(n, w)         workspace its forward or backward takes
 ///   forward(x, valid, y, ws)    rows of x at or past `valid` are padding: treated as zero
-///   backward(x, valid, dy, dx, ws, worker)  writes dx (0 on padding); learned projections
-///                               also add to their gradient: into worker's partial sum
-///                               between begin_backward(workers, n) and end_backward() (which
-///                               adds the partial sums in worker order), else under a lock
+///   backward(x, valid, dy, dx, ws)  writes dx (0 on padding); a learned projection also adds
+///                               to its gradient, under a lock
 ///   forward_rows(x, valid, y, row, ws)  optional: rows [row, row + y.rows()) of forward's
 ///                               y alone (LowRank's forward then runs them as blocks)
+///   backward_rows(dy, dx, column, ws), add_gradient_columns(x, dy, column, ws),
+///   prepare_gradient()          optional, together: backward's dx rows and (learned) its
+///                               gradient's columns for the tokens at [column, column + n),
+///                               the gradient without a lock (LowRank's backward then runs
+///                               blocks of tokens as tasks; see DenseProjection)
 ///   learned                     whether it has parameters; a learned projection also has
-///                               visit_parameters(f, label), zero_grad(), begin_backward(workers,
-///                               n) and end_backward()
+///                               visit_parameters(f, label) and zero_grad()
 template <class P>
 concept SequenceProjection = requires(P& p, const P& cp, const typename P::Config& config,
                                       ConstView<typename P::Scalar> x, View<typename P::Scalar> y,
@@ -42,7 +44,7 @@ concept SequenceProjection = requires(P& p, const P& cp, const typename P::Confi
   cp.check(std::string_view{}, n);
   { cp.scratch_bytes(n, n) } -> std::convertible_to<std::size_t>;
   cp.forward(x, n, y, ws);
-  p.backward(x, n, x, y, ws, 0);
+  p.backward(x, n, x, y, ws);
 };
 
 }  // namespace effattn
