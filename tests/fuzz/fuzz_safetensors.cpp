@@ -1,6 +1,6 @@
 // libFuzzer target for the checkpoint loaders: any bytes as a safetensors file given to
-// safetensors::load (a small model with a vector and a matrix, in float and double) and to
-// safetensors::load_optimizer (Adam and Sgd). The only outcome allowed besides success is an
+// safetensors::load (a small model with a vector and a matrix, in float and double; strict and
+// not) and to safetensors::load_optimizer (Adam and Sgd). The only outcome allowed besides success is an
 // effattn::Error; anything else (a crash, a sanitizer report, another exception, a hang, a
 // model changed by a failed load) stops the fuzzer.
 //
@@ -68,6 +68,19 @@ void load_all(const fs::path& file) {
     loaded = false;
   }
   if (!loaded && values(m.linear) != before) std::abort();  // a failed load changed the model
+  // Not strict: an Error that changes nothing, or a report that accounts for every parameter.
+  Models<S> part;
+  const auto part_before = values(part.linear);
+  std::size_t parameters = 0;
+  const auto count = [&](std::string_view, auto&, auto&) { ++parameters; };
+  part.linear.visit_parameters(count);
+  part.norm.visit_parameters(count);
+  try {
+    const auto r = safetensors::load(file, {.strict = false}, part.linear, part.norm);
+    if (r.loaded.size() + r.missing.size() + r.mismatched.size() != parameters) std::abort();
+  } catch (const Error&) {
+    if (values(part.linear) != part_before) std::abort();
+  }
   Adam<S> adam({.lr = 1e-3});
   expect_error_or_success([&] { safetensors::load_optimizer(file, adam); });
   // A loaded state steps the model or is refused (another model's shapes) with an Error.

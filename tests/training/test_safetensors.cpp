@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,15 @@ std::vector<MatD> all_parameters(Ms&... ms) {
   std::vector<MatD> out;
   auto add = [&](std::string_view, auto& w, auto&) { out.push_back(w.template cast<double>()); };
   (ms.visit_parameters(add), ...);
+  return out;
+}
+// Every parameter of a model by its path.
+template <class M>
+std::map<std::string, MatD> by_path(M& model) {
+  std::map<std::string, MatD> out;
+  model.visit_parameters([&](std::string_view path, auto& w, auto&) {
+    out[std::string(path)] = w.template cast<double>();
+  });
   return out;
 }
 }  // namespace
@@ -372,5 +382,85 @@ TEST_CASE("safetensors: hostile headers are Errors, not crashes, and change noth
   }
   CHECK(all_parameters(model) == before);
   CHECK(adam.state_bytes() == 0);
+  fs::remove(file);
+}
+
+TEST_CASE("safetensors: a non-strict load takes what matches and reports the rest", "[training]") {
+  const fs::path file = temp_file("non_strict");
+  SECTION("exact attention's checkpoint into a Linformer block: E and F are missing") {
+    MultiHeadAttention<FullAttention<float>> full({.d_model = 8, .heads = 2, .seed = 1});
+    safetensors::save(file, full);
+    MultiHeadAttention<LowRank<float>> low(
+        {.d_model = 8, .heads = 2, .seed = 2, .policy = {.projection = {.k = 4, .n_max = 16}}});
+    const auto before = by_path(low);
+    try {  // strictly: an Error that says how to load what matches, and nothing changes
+      safetensors::load(file, low);
+      FAIL("a strict load of a checkpoint without E and F succeeded");
+    } catch (const Error& e) {
+      CHECK(e.argument() == "tensor 'E'");
+    }
+    CHECK(by_path(low) == before);
+
+    const auto report = safetensors::load(file, {.strict = false}, low);
+    CHECK(report.missing == std::vector<std::string>{"E", "F"});
+    CHECK(report.unexpected.empty());
+    CHECK(report.mismatched.empty());
+    CHECK(!report.complete());
+    const auto source = by_path(full), loaded = by_path(low);
+    CHECK(report.loaded.size() == source.size());
+    for (const auto& name : report.loaded)
+      CHECK(loaded.at(name) == source.at(name));
+    CHECK(loaded.at("E") == before.at("E"));  // kept as it was
+    CHECK(loaded.at("F") == before.at("F"));
+    CHECK_THAT(report.summary(), Catch::Contains("loaded 8 of 10 parameters") &&
+                                     Catch::Contains("missing from the file (2):\n  E\n  F"));
+  }
+  SECTION("a tensor of another shape or dtype, and one the model does not have") {
+    Linear<float> saved({.d_in = 3, .d_out = 4, .seed = 1});
+    safetensors::save(file, saved);
+    Linear<float> wider({.d_in = 3, .d_out = 6, .bias = false, .seed = 2});
+    const auto before = by_path(wider);
+    const auto report = safetensors::load(file, {.strict = false}, wider);
+    CHECK(report.loaded.empty());
+    CHECK(report.missing.empty());
+    REQUIRE(report.mismatched.size() == 1);
+    CHECK(report.mismatched[0] == "w: [3, 4] F32 in the file, [3, 6] F32 in the model");
+    CHECK(report.unexpected == std::vector<std::string>{"b"});
+    CHECK(by_path(wider) == before);
+    Linear<double> twin({.d_in = 3, .d_out = 4});
+    const auto by_dtype = safetensors::load(file, {.strict = false}, twin);
+    CHECK(by_dtype.mismatched.size() == 2);
+    CHECK_THAT(by_dtype.mismatched[0],
+               Catch::Contains("F32 in the file") && Catch::Contains("F64 in the model"));
+  }
+  SECTION("a malformed file is an Error in either mode") {
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << "hello";
+    Linear<float> model({.d_in = 3, .d_out = 4});
+    CHECK_THROWS_AS(safetensors::load(file, {.strict = false}, model), Error);
+  }
+  fs::remove(file);
+}
+
+TEST_CASE("safetensors: a prefix loads one block out of a whole model's checkpoint", "[training]") {
+  Model model(model_config(1));
+  const fs::path file = temp_file("prefix");
+  safetensors::save(file, model);
+  Residual<PreNorm<MultiHeadAttention<FullAttention<float>>>> block(model_config(7).block);
+  // Strict within the prefix: every parameter of the block, and the other block's tensors are
+  // not unexpected.
+  const auto report = safetensors::load(file, {.prefix = "block.1."}, block);
+  CHECK(report.complete());
+  const auto whole = by_path(model), one = by_path(block);
+  REQUIRE(!one.empty());
+  for (const auto& [name, value] : one)
+    CHECK(value == whole.at("block.1." + name));
+  CHECK(report.loaded.size() == one.size());
+  // A prefix the file does not have: strictly an Error; otherwise everything is missing.
+  CHECK_THROWS_AS(safetensors::load(file, {.prefix = "block.9."}, block), Error);
+  const auto none = safetensors::load(file, {.strict = false, .prefix = "block.9."}, block);
+  CHECK(none.loaded.empty());
+  CHECK(none.missing.size() == one.size());
+  CHECK(none.unexpected.empty());
+  CHECK(by_path(block) == one);
   fs::remove(file);
 }

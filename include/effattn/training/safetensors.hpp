@@ -352,6 +352,14 @@ inline std::string shape_text(const std::vector<std::uint64_t>& shape) {
 // A file read and its header checked: tensors by name (offsets inside the data, sizes that
 // match their shape and dtype), string metadata. Only a regular file is opened (a directory,
 // device or pipe is an Error, not a hang).
+// Whether a tensor is a rows × cols matrix, or a [cols] vector when rows is 1.
+inline bool has_shape(const Tensor& t, Index rows, Index cols) {
+  const auto r = std::uint64_t(rows), c = std::uint64_t(cols);
+  const bool same = t.shape.size() == 2 && t.shape[0] == r && t.shape[1] == c;
+  const bool vector_like = t.shape.size() == 1 && rows == 1 && t.shape[0] == c;  // [d]
+  return same || vector_like;
+}
+
 struct File {
   std::ifstream in;
   std::uint64_t data_start = 0;
@@ -419,12 +427,17 @@ struct File {
     const Tensor& t = it->second;
     require(t.dtype == dtype<S>(), who, tensor, concat("of dtype ", shown(t.dtype)),
             concat("dtype ", dtype<S>()));
-    const auto r = std::uint64_t(rows), c = std::uint64_t(cols);
-    const bool same = t.shape.size() == 2 && t.shape[0] == r && t.shape[1] == c;
-    const bool vector_like = t.shape.size() == 1 && rows == 1 && t.shape[0] == c;  // [d]
-    require(same || vector_like, who, tensor, concat("of shape ", shape_text(t.shape)),
+    require(has_shape(t, rows, cols), who, tensor, concat("of shape ", shape_text(t.shape)),
             concat("[", rows, ", ", cols, "]"));
     // The size of its bytes was checked against its shape when the header was read.
+  }
+  // Why tensor `name` (which exists) is not a rows × cols matrix of S's dtype, or "".
+  template <class S>
+  std::string mismatch(const std::string& name, Index rows, Index cols) const {
+    const Tensor& t = tensors.find(name)->second;
+    if (has_shape(t, rows, cols) && t.dtype == dtype<S>()) return {};
+    return concat(shape_text(t.shape), " ", shown(t.dtype), " in the file, [", rows, ", ", cols,
+                  "] ", dtype<S>(), " in the model");
   }
   template <class S>
   Matrix<S> read(const char* who, const std::string& name, Index rows, Index cols) {
@@ -464,31 +477,106 @@ void save(const std::filesystem::path& path, Models&... models) {
   detail::write<S>(path, "safetensors::save", tensors, {});
 }
 
-/// Loads every parameter of `models` from `path`. Everything is read and checked first:
-/// a missing tensor, one of another shape or dtype, a tensor in the file that no parameter
-/// names, offsets outside the file or a truncated body is an effattn::Error naming the
-/// tensor, and the models are left as they were.
+/// How load matches a file's tensors to the models' parameters.
+struct LoadOptions {
+  /// Strict (the default): every parameter must be in the file with its shape and dtype, and
+  /// every tensor of the file (under the prefix) must be a parameter, or load is an Error and
+  /// changes nothing. Not strict: the parameters whose tensor matches are loaded, the others
+  /// keep their values, and the report lists what did not match.
+  bool strict = true;
+  /// The models are a part of the file's model: parameter "<path>" reads tensor
+  /// "<prefix><path>", and tensors outside the prefix are left alone (neither loaded nor
+  /// unexpected). E.g. "encoder.block.0." loads one block out of a whole model's checkpoint.
+  std::string prefix;
+};
+
+/// What a load did: parameter paths (without the prefix) and the file's tensor names.
+struct LoadReport {
+  std::vector<std::string> loaded;      ///< parameters read from the file
+  std::vector<std::string> missing;     ///< parameters the file has no tensor for (unchanged)
+  std::vector<std::string> unexpected;  ///< tensors under the prefix that no parameter names
+  /// Parameters whose tensor has another shape or dtype (unchanged), each as
+  /// "<path>: [r, c] F32 in the file, [r', c'] F32 in the model".
+  std::vector<std::string> mismatched;
+  /// Whether every parameter was loaded and the file held nothing else under the prefix.
+  bool complete() const { return missing.empty() && unexpected.empty() && mismatched.empty(); }
+  /// The report in a few lines, for a log: counts, then every name that did not match.
+  std::string summary() const {
+    std::string text =
+        detail::concat("loaded ", loaded.size(), " of ",
+                       loaded.size() + missing.size() + mismatched.size(), " parameters");
+    const auto list = [&](const char* what, const std::vector<std::string>& names) {
+      if (names.empty()) return;
+      text += detail::concat("\n", what, " (", names.size(), "):");
+      for (const auto& name : names)
+        text += "\n  " + name;
+    };
+    list("missing from the file", missing);
+    list("in the file but not in the models", unexpected);
+    list("of another shape or dtype", mismatched);
+    return text;
+  }
+};
+
+/// Loads the parameters of `models` from `path` as `options` say, and reports what matched.
+/// Everything is read and checked before anything is assigned: an unreadable or malformed file
+/// (offsets outside it, a truncated body), or in strict mode any tensor that does not match, is
+/// an effattn::Error naming it, and the models are left as they were.
 template <class... Models>
-void load(const std::filesystem::path& path, Models&... models) {
+LoadReport load(const std::filesystem::path& path, const LoadOptions& options, Models&... models) {
   constexpr const char* who = "safetensors::load";
   using S = std::common_type_t<typename Models::Scalar...>;
+  using detail::concat;
   detail::File file(path, who);
   const auto params = detail::parameters(models...);
-  for (const auto& [name, value] : params)
-    file.check<S>(who, name, value->rows(), value->cols());
+  LoadReport report;
+  std::vector<std::size_t> matched;  // indices into params
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const auto& [name, value] = params[i];
+    const std::string tensor = options.prefix + name;
+    if (options.strict) {
+      file.check<S>(who, tensor, value->rows(), value->cols());
+    } else if (!file.tensors.contains(tensor)) {
+      report.missing.push_back(name);
+      continue;
+    } else if (const std::string why = file.mismatch<S>(tensor, value->rows(), value->cols());
+               !why.empty()) {
+      report.mismatched.push_back(concat(name, ": ", why));
+      continue;
+    }
+    matched.push_back(i);
+  }
   for (const auto& entry : file.tensors) {
     const std::string& name = entry.first;
-    detail::require(
-        std::any_of(params.begin(), params.end(), [&](const auto& p) { return p.first == name; }),
-        who, detail::concat("tensor '", detail::shown(name), "'"), "in the file",
-        "only tensors the models have (a file of another model?)");
+    if (!name.starts_with(options.prefix)) continue;
+    const std::string_view path_in_models = std::string_view(name).substr(options.prefix.size());
+    if (std::any_of(params.begin(), params.end(),
+                    [&](const auto& p) { return p.first == path_in_models; }))
+      continue;
+    detail::require(!options.strict, who, concat("tensor '", detail::shown(name), "'"),
+                    "in the file",
+                    "only tensors the models have (a file of another model? LoadOptions{.strict "
+                    "= false} loads what matches, .prefix a part)");
+    report.unexpected.push_back(name);
   }
   std::vector<Matrix<S>> values;  // everything checked: read all, then assign all
-  values.reserve(params.size());
-  for (const auto& [name, value] : params)
-    values.push_back(file.read<S>(who, name, value->rows(), value->cols()));
-  for (std::size_t i = 0; i < params.size(); ++i)
-    *params[i].second = std::move(values[i]);
+  values.reserve(matched.size());
+  for (const std::size_t i : matched)
+    values.push_back(file.read<S>(who, options.prefix + params[i].first, params[i].second->rows(),
+                                  params[i].second->cols()));
+  for (std::size_t j = 0; j < matched.size(); ++j) {
+    *params[matched[j]].second = std::move(values[j]);
+    report.loaded.push_back(params[matched[j]].first);
+  }
+  return report;
+}
+
+/// Loads every parameter of `models` from `path`, strictly: a missing tensor, one of another
+/// shape or dtype, a tensor in the file that no parameter names, offsets outside the file or a
+/// truncated body is an effattn::Error naming the tensor, and the models are left as they were.
+template <class... Models>
+LoadReport load(const std::filesystem::path& path, Models&... models) {
+  return load(path, LoadOptions{}, models...);
 }
 
 /// Writes an optimiser's state (Sgd, Adam, AdamW) to `path`: tensors "<parameter path>.<slot>"
