@@ -36,6 +36,7 @@
 #include "effattn/attention/projections/max_pooling.hpp"
 #include "effattn/attention/projections/mean_pooling.hpp"
 #include "effattn/attention/projections/sequence_projection.hpp"
+#include "effattn/attention/random_state.hpp"
 
 #include "effattn/layers/activation.hpp"
 #include "effattn/layers/activation_meter.hpp"
@@ -54,6 +55,7 @@
 #include "effattn/layers/multi_head_attention.hpp"
 #include "effattn/layers/parameter_paths.hpp"
 #include "effattn/layers/pre_norm.hpp"
+#include "effattn/layers/redraw.hpp"
 #include "effattn/layers/repeat.hpp"
 #include "effattn/layers/residual.hpp"
 #include "effattn/layers/reversible.hpp"

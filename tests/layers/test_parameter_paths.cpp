@@ -92,6 +92,15 @@ TEST_CASE("The README's Reformer encoder: reversible halves are f and g", "[laye
                       "block.1.block.3.g.feed_forward.b_1", "block.1.block.3.g.feed_forward.b_2"});
   CHECK(paths.size() == 4 * 14);  // 4 blocks of 2 + 6 (f) and 2 + 4 (g) tensors
   check_unique(encoder);
+  // Its LSH rotations (random state, which checkpoints keep) are under the attention's path.
+  std::vector<std::string> random;
+  encoder.visit_random_state([&](std::string_view path, auto& policy) {
+    CHECK(policy.random_state().seed.has_value());
+    random.emplace_back(path);
+  });
+  CHECK(random ==
+        std::vector<std::string>{"block.1.block.0.f.attention", "block.1.block.1.f.attention",
+                                 "block.1.block.2.f.attention", "block.1.block.3.f.attention"});
 }
 
 TEST_CASE("LowRank's projections: E and F when shared, E.<h> and F.<h> per head",

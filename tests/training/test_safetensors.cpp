@@ -2,6 +2,7 @@
 // independent writer, and failed loads that leave the model as it was.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -462,5 +463,136 @@ TEST_CASE("safetensors: a prefix loads one block out of a whole model's checkpoi
   CHECK(none.missing.size() == one.size());
   CHECK(none.unexpected.empty());
   CHECK(by_path(block) == one);
+  fs::remove(file);
+}
+
+namespace {
+// A two-block stack of one policy, and its output on fixed input.
+template <class Policy, class Masking = Bidirectional>
+using Stack = Repeat<Residual<PreNorm<MultiHeadAttention<Policy, Masking>>>>;
+
+template <class Policy, class Masking = Bidirectional>
+typename Stack<Policy, Masking>::Config stack_config(std::uint64_t seed,
+                                                     typename Policy::Config policy = {}) {
+  typename Stack<Policy, Masking>::Config c;
+  c.depth = 2;
+  c.block.layer.layer = {.d_model = 16, .heads = 2, .seed = seed, .policy = policy};
+  return c;
+}
+
+template <class Model>
+Matrix<float> output_of(Model& model, Index n) {
+  const SequenceShape shape{2, n};
+  Matrix<float> x(shape.tokens(), 16), y(shape.tokens(), 16);
+  CounterRng(3).fill_normal(x);
+  model.forward(x, y, shape);
+  return y;
+}
+
+template <class Policy, class Masking = Bidirectional>
+void save_redraw_load(typename Policy::Config policy, Index n) {
+  Stack<Policy, Masking> model(stack_config<Policy, Masking>(1, policy));
+  redraw(model, 42);  // a state the seeds alone do not give
+  const Matrix<float> before = output_of(model, n);
+  const fs::path file = temp_file("random_state");
+  safetensors::save(file, model);
+  redraw(model, 43);
+  REQUIRE(!(output_of(model, n).array() == before.array()).all());  // the redraw changed it
+  const auto report = safetensors::load(file, model);
+  CHECK(report.complete());
+  CHECK((output_of(model, n).array() == before.array()).all());  // bit for bit
+  // And into a fresh model made from another seed.
+  Stack<Policy, Masking> fresh(stack_config<Policy, Masking>(9, policy));
+  safetensors::load(file, fresh);
+  CHECK((output_of(fresh, n).array() == before.array()).all());
+  fs::remove(file);
+}
+}  // namespace
+
+TEST_CASE(
+    "safetensors: Favor's features and LSH's rotations are saved: save, redraw, load "
+    "computes the same bits",
+    "[training][random_state]") {
+  save_redraw_load<Favor<float>>({.features = 8}, 24);
+  save_redraw_load<Favor<float>, Causal>({.features = 8, .per_head = true}, 24);
+  save_redraw_load<LSHAttention<float>>({.chunk = 4, .rounds = 2}, 32);
+
+  // A rotation fixed by hand is kept as a tensor; the others come from the seed.
+  using Lsh = MultiHeadAttention<LSHAttention<float>>;
+  Lsh lsh({.d_model = 16, .heads = 2, .seed = 1, .policy = {.chunk = 4, .rounds = 2}});
+  Matrix<float> r(8, 8);  // d_k × the 8 columns of 16 buckets (n = 32, chunks of 4)
+  CounterRng(5).fill_normal(r);
+  lsh.policy().set_rotation(1, 0, r);
+  const Matrix<float> before = output_of(lsh, 32);
+  const fs::path file = temp_file("rotation");
+  safetensors::save(file, lsh);
+  redraw(lsh, 7);
+  const auto report = safetensors::load(file, lsh);
+  CHECK(report.complete());
+  CHECK(std::count(report.loaded.begin(), report.loaded.end(), "rotation.1.0") == 1);
+  CHECK(std::count(report.loaded.begin(), report.loaded.end(), "seed") == 1);
+  CHECK(lsh.policy().rotation(1, 0, 8) == r);
+  CHECK((output_of(lsh, 32).array() == before.array()).all());
+  fs::remove(file);
+}
+
+TEST_CASE("redraw reaches every Favor and LSH block of a model, each with its own draw",
+          "[training][random_state]") {
+  using Model = Stack<Favor<float>>;
+  Model a(stack_config<Favor<float>>(1, {.features = 8}));
+  Model b(stack_config<Favor<float>>(1, {.features = 8}));
+  const auto features = [](Model& m, Index block) {
+    Matrix<float> w;
+    m.visit_random_state([&](std::string_view path, auto& policy) {
+      if (path == "block." + std::to_string(block) + ".attention") w = policy.projection(0);
+    });
+    return w;
+  };
+  const Matrix<float> first = features(a, 0);
+  REQUIRE(first.size() > 0);
+  redraw(a, 5);
+  redraw(b, 5);
+  CHECK(features(a, 0) != first);           // redrawn
+  CHECK(features(a, 0) != features(a, 1));  // each block its own draw
+  CHECK(features(a, 0) == features(b, 0));  // the same seed, the same model
+  CHECK(features(a, 1) == features(b, 1));
+  redraw(b, 6);
+  CHECK(features(a, 0) != features(b, 0));
+  // A model without random state is left as it was.
+  Linear<float> linear({.d_in = 3, .d_out = 4, .seed = 1});
+  const auto weights = by_path(linear);
+  redraw(linear, 5);
+  CHECK(by_path(linear) == weights);
+}
+
+TEST_CASE(
+    "safetensors: exact attention's checkpoint into Favor: strictly an Error, else the "
+    "model keeps its features",
+    "[training][random_state]") {
+  Stack<FullAttention<float>> full(stack_config<FullAttention<float>>(1));
+  const fs::path file = temp_file("full_to_favor");
+  safetensors::save(file, full);
+  Stack<Favor<float>> favor(stack_config<Favor<float>>(2, {.features = 8}));
+  try {
+    safetensors::load(file, favor);
+    FAIL("a strict load without Favor's features succeeded");
+  } catch (const Error& e) {
+    CHECK(e.argument() == "random state 'block.0.attention'");
+    CHECK_THAT(e.what(), Catch::Contains("strict = false"));
+  }
+  const auto report = safetensors::load(file, {.strict = false}, favor);
+  CHECK(report.missing ==
+        std::vector<std::string>{"block.0.attention.features", "block.1.attention.features"});
+  CHECK(report.unexpected.empty());
+  CHECK(report.mismatched.empty());
+  const auto source = by_path(full), loaded = by_path(favor);
+  CHECK(source == loaded);  // every parameter: the policies have none of their own
+  // Features of another shape: mismatched, not loaded.
+  Stack<Favor<float>> per_head(stack_config<Favor<float>>(2, {.features = 8, .per_head = true}));
+  safetensors::save(file, favor);
+  const auto other = safetensors::load(file, {.strict = false}, per_head);
+  REQUIRE(other.mismatched.size() == 2);
+  CHECK_THAT(other.mismatched[0], Catch::StartsWith("block.0.attention: 1 feature matrices"));
+  CHECK_THROWS_AS(safetensors::load(file, per_head), Error);
   fs::remove(file);
 }

@@ -8,6 +8,7 @@
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -18,6 +19,7 @@
 #include "effattn/attention/lsh/hashing.hpp"
 #include "effattn/attention/lsh/lsh_config.hpp"
 #include "effattn/attention/lsh/sorting.hpp"
+#include "effattn/attention/random_state.hpp"
 #include "effattn/core/error.hpp"
 #include "effattn/core/finite.hpp"
 #include "effattn/core/parallel.hpp"
@@ -135,6 +137,38 @@ class LSHAttention {
 
   /// Draws every rotation anew from `seed` (fixed ones are dropped too).
   void redraw(std::uint64_t seed) { rotations_.redraw(seed); }
+
+  /// The rotations as a checkpoint holds them: the seed they are drawn from, and each rotation
+  /// fixed by set_rotation as "rotation.<head>.<round>".
+  RandomState<S> random_state() const {
+    RandomState<S> state{rotations_.seed(), {}};
+    rotations_.for_each_fixed([&](Index head, Index round, const Matrix<S>& r) {
+      state.tensors.emplace_back(detail::concat("rotation.", head, ".", round), r);
+    });
+    return state;
+  }
+  bool claims_random_tensor(const std::string& name) const { return name.starts_with("rotation."); }
+  /// Why `state` cannot be these rotations (no seed, a rotation of no (head, round) or of
+  /// another height), or "".
+  std::string check_random_state(const RandomState<S>& state) const {
+    if (!state.seed) return "no seed";
+    for (const auto& [name, r] : state.tensors) {
+      const auto at = parse_rotation(name);
+      if (!at) return detail::concat("'", name, "', not rotation.<head>.<round> of this layout");
+      if (r.rows() != layout_.d_key || r.cols() < 1)
+        return detail::concat("'", name, "' of ", r.rows(), "×", r.cols(),
+                              " for d_k = ", layout_.d_key, " rows and at least one column");
+    }
+    return {};
+  }
+  /// Takes the seed and fixed rotations of a state check_random_state accepts.
+  void set_random_state(const RandomState<S>& state) {
+    rotations_.redraw(*state.seed);
+    for (const auto& [name, r] : state.tensors) {
+      const auto at = parse_rotation(name);
+      rotations_.fix(at->first, at->second, r);
+    }
+  }
 
   /// The first `columns` columns of the rotation of (head, round): d_k × columns.
   Matrix<S> rotation(Index head, Index round, Index columns) const {
@@ -611,6 +645,23 @@ class LSHAttention {
   }
 
  private:
+  // (head, round) of a tensor named "rotation.<head>.<round>" within the layout, if it is one.
+  std::optional<std::pair<Index, Index>> parse_rotation(const std::string& name) const {
+    Index head = 0, round = 0;
+    std::size_t at = std::string("rotation.").size();
+    const auto number = [&](Index& value) {
+      const std::size_t start = at;
+      value = 0;
+      while (at < name.size() && name[at] >= '0' && name[at] <= '9' && at - start < 9)
+        value = value * 10 + (name[at++] - '0');
+      return at > start;
+    };
+    if (!name.starts_with("rotation.") || !number(head) || at >= name.size() || name[at++] != '.' ||
+        !number(round) || at != name.size() || head >= layout_.heads || round >= config_.rounds)
+      return std::nullopt;
+    return std::pair{head, round};
+  }
+
   void check_head_round(Index head, Index round) const {
     detail::require(head >= 0 && head < layout_.heads, "LSHAttention", "head", head,
                     detail::concat("a head in [0, ", layout_.heads, ")"));

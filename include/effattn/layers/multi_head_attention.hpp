@@ -11,6 +11,7 @@
 #include "effattn/attention/head_context.hpp"
 #include "effattn/attention/head_layout.hpp"
 #include "effattn/attention/masking.hpp"
+#include "effattn/attention/random_state.hpp"
 #include "effattn/core/aliasing.hpp"
 #include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
@@ -182,6 +183,12 @@ class MultiHeadAttention {
       f(std::string_view("b_o"), bo_, gbo_);
     }
     if constexpr (requires { policy().visit_parameters(f); }) policy().visit_parameters(f);
+  }
+  /// Calls f("", policy()) when the policy has random state (Favor, LSHAttention): a
+  /// checkpoint keeps it under this block's path, and redraw reaches it.
+  template <class F>
+  void visit_random_state(F&& f) {
+    if constexpr (detail::HasRandomState<Policy>) f(std::string_view(""), policy());
   }
 
   void zero_grad() {

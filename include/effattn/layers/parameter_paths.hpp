@@ -25,6 +25,10 @@
 // Repeat<Reversible<PreNorm<attention>, PreNorm<Chunked<FeedForward>>>>, MergeHalves>) the
 // query weight of the fourth block is block.1.block.3.f.attention.w_q. The path passed to f is
 // valid during the call only: copy it (std::string) to keep it.
+//
+// Checkpoints also keep the random state of Favor and LSH policies under their block's path
+// (visit_random_state, not visit_parameters: it is not trained): <path>.features or
+// <path>.features.<h> (Favor), <path>.rotation.<h>.<r> and the metadata <path>.seed (LSH).
 
 #include <string>
 #include <string_view>

@@ -121,6 +121,10 @@ class PreNorm : public detail::Wrapper<F> {
     detail::visit_prefixed(norm_, "norm", f);
     detail::visit_prefixed(fn_, parameter_group, f);
   }
+  template <class V>
+  void visit_random_state(V&& f) {
+    detail::visit_random_state_of(fn_, parameter_group, f);
+  }
 
  private:
   using detail::Wrapper<F>::fn_;

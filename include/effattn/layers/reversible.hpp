@@ -98,6 +98,11 @@ class Reversible {
     detail::visit_prefixed(f_, "f", v);
     detail::visit_prefixed(g_, "g", v);
   }
+  template <class V>
+  void visit_random_state(V&& v) {
+    detail::visit_random_state_of(f_, "f", v);
+    detail::visit_random_state_of(g_, "g", v);
+  }
 
   void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
     check(x, "x", "y", y, shape);

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -22,8 +23,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "effattn/attention/random_state.hpp"
 #include "effattn/core/error.hpp"
 #include "effattn/core/types.hpp"
+#include "effattn/layers/detail/composition.hpp"
 #include "effattn/training/detail/parameter_states.hpp"
 
 namespace effattn {
@@ -67,6 +70,40 @@ auto parameters(Models&... models) {
     all.emplace_back(std::string(path), &value);
   };
   (models.visit_parameters(collect), ...);
+  return all;
+}
+
+// Every policy with random state in the models, in visiting order: its path and its
+// random_state(), and a function that sets it.
+template <class S>
+struct RandomPart {
+  std::string path;
+  RandomState<S> state;  // as the model has it now
+  std::function<std::string(const RandomState<S>&)> check;
+  std::function<void(const RandomState<S>&)> set;
+  std::function<bool(const std::string&)> claims;
+};
+// The names a random state has in a checkpoint: its tensors, then its seed.
+template <class S>
+std::vector<std::string> state_names(const std::string& path, const RandomState<S>& state) {
+  std::vector<std::string> names;
+  for (const auto& [name, value] : state.tensors)
+    names.push_back(effattn::detail::join_path(path, name));
+  if (state.seed) names.push_back(effattn::detail::join_path(path, "seed"));
+  return names;
+}
+template <class... Models>
+auto random_parts(Models&... models) {
+  using S = std::common_type_t<typename Models::Scalar...>;
+  std::vector<RandomPart<S>> all;
+  auto collect = [&](std::string_view path, auto& policy) {
+    all.push_back(
+        {std::string(path), policy.random_state(),
+         [&policy](const RandomState<S>& s) { return policy.check_random_state(s); },
+         [&policy](const RandomState<S>& s) { policy.set_random_state(s); },
+         [&policy](const std::string& name) { return policy.claims_random_tensor(name); }});
+  };
+  (effattn::detail::visit_random_state_of(models, "", collect), ...);
   return all;
 }
 
@@ -360,6 +397,18 @@ inline bool has_shape(const Tensor& t, Index rows, Index cols) {
   return same || vector_like;
 }
 
+// A seed written as metadata: a decimal uint64.
+inline std::uint64_t parse_seed(const char* who, const std::string& key, const std::string& value) {
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long seed = std::strtoull(value.c_str(), &end, 10);
+  require(!value.empty() && value[0] >= '0' && value[0] <= '9' &&
+              end == value.c_str() + value.size() && errno == 0,
+          who, concat("metadata '", shown(key), "'"), concat("\"", shown(value), "\""),
+          "a seed: a decimal number below 2^64");
+  return static_cast<std::uint64_t>(seed);
+}
+
 struct File {
   std::ifstream in;
   std::uint64_t data_start = 0;
@@ -474,7 +523,17 @@ void save(const std::filesystem::path& path, Models&... models) {
   std::vector<std::pair<std::string, const Matrix<S>*>> tensors;
   for (const auto& [name, value] : detail::parameters(models...))
     tensors.emplace_back(name, value);
-  detail::write<S>(path, "safetensors::save", tensors, {});
+  // The random state of every Favor and LSH policy: its tensors beside the parameters, its
+  // seed as metadata "<path>.seed".
+  const auto parts = detail::random_parts(models...);
+  std::map<std::string, std::string> metadata;
+  for (const auto& part : parts) {
+    for (const auto& [name, value] : part.state.tensors)
+      tensors.emplace_back(effattn::detail::join_path(part.path, name), &value);
+    if (part.state.seed)
+      metadata[effattn::detail::join_path(part.path, "seed")] = std::to_string(*part.state.seed);
+  }
+  detail::write<S>(path, "safetensors::save", tensors, metadata);
 }
 
 /// How load matches a file's tensors to the models' parameters.
@@ -490,7 +549,9 @@ struct LoadOptions {
   std::string prefix;
 };
 
-/// What a load did: parameter paths (without the prefix) and the file's tensor names.
+/// What a load did: parameter paths (without the prefix) and the file's tensor names. The random
+/// state of Favor and LSH policies counts as its tensors ("<path>.features") and its seed
+/// ("<path>.seed"), loaded, missing or mismatched together.
 struct LoadReport {
   std::vector<std::string> loaded;      ///< parameters read from the file
   std::vector<std::string> missing;     ///< parameters the file has no tensor for (unchanged)
@@ -546,6 +607,64 @@ LoadReport load(const std::filesystem::path& path, const LoadOptions& options, M
     }
     matched.push_back(i);
   }
+  // The random state of every Favor and LSH policy: the tensors under its path that it claims,
+  // and its seed, read and checked before anything is assigned.
+  auto parts = detail::random_parts(models...);
+  std::vector<std::pair<std::size_t, RandomState<S>>> states;  // (part, state to set)
+  const auto owner = [&](std::string_view name) -> std::optional<std::size_t> {
+    for (std::size_t i = 0; i < parts.size(); ++i) {
+      const std::string under = parts[i].path.empty() ? "" : parts[i].path + ".";
+      if (name.starts_with(under) && parts[i].claims(std::string(name.substr(under.size()))))
+        return i;
+    }
+    return std::nullopt;
+  };
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    const auto& part = parts[i];
+    const std::string what = concat("random state '", part.path, "'");
+    RandomState<S> state;
+    if (part.state.seed) {
+      const std::string key = options.prefix + effattn::detail::join_path(part.path, "seed");
+      if (const auto it = file.metadata.find(key); it != file.metadata.end())
+        state.seed = detail::parse_seed(who, key, it->second);
+    }
+    std::string bad_dtype;
+    for (const auto& entry : file.tensors) {
+      const std::string& name = entry.first;
+      if (!name.starts_with(options.prefix)) continue;
+      const std::string_view in_models = std::string_view(name).substr(options.prefix.size());
+      if (owner(in_models) != i) continue;
+      const auto [rows, cols] = file.matrix_shape(who, name);
+      if (const std::string why = file.mismatch<S>(name, rows, cols); !why.empty()) {
+        detail::require(!options.strict, who, concat("tensor '", detail::shown(name), "'"), why,
+                        concat("dtype ", detail::dtype<S>()));
+        bad_dtype = concat(in_models, ": ", why);
+        break;
+      }
+      state.tensors.emplace_back(
+          std::string(in_models.substr(part.path.empty() ? 0 : part.path.size() + 1)),
+          file.read<S>(who, name, rows, cols));
+    }
+    if (!bad_dtype.empty()) {
+      report.mismatched.push_back(bad_dtype);
+      continue;
+    }
+    if (!state.seed && state.tensors.empty()) {  // nothing of it in the file
+      detail::require(!options.strict, who, what, "missing from the file",
+                      "the random features or rotations of every Favor and LSH policy (a file "
+                      "of another policy, or saved before they were kept? LoadOptions{.strict = "
+                      "false} keeps the model's own draws)");
+      for (const std::string& name : detail::state_names(part.path, part.state))
+        report.missing.push_back(name);
+      continue;
+    }
+    if (const std::string why = part.check(state); !why.empty()) {
+      detail::require(!options.strict, who, what, why, "the random state its policy has");
+      report.mismatched.push_back(concat(part.path.empty() ? "(the model)" : part.path, ": ", why));
+      continue;
+    }
+    states.emplace_back(i, std::move(state));
+  }
   for (const auto& entry : file.tensors) {
     const std::string& name = entry.first;
     if (!name.starts_with(options.prefix)) continue;
@@ -553,6 +672,7 @@ LoadReport load(const std::filesystem::path& path, const LoadOptions& options, M
     if (std::any_of(params.begin(), params.end(),
                     [&](const auto& p) { return p.first == path_in_models; }))
       continue;
+    if (owner(path_in_models)) continue;  // a policy's random state
     detail::require(!options.strict, who, concat("tensor '", detail::shown(name), "'"),
                     "in the file",
                     "only tensors the models have (a file of another model? LoadOptions{.strict "
@@ -567,6 +687,11 @@ LoadReport load(const std::filesystem::path& path, const LoadOptions& options, M
   for (std::size_t j = 0; j < matched.size(); ++j) {
     *params[matched[j]].second = std::move(values[j]);
     report.loaded.push_back(params[matched[j]].first);
+  }
+  for (const auto& [i, state] : states) {
+    parts[i].set(state);
+    for (const std::string& name : detail::state_names(parts[i].path, state))
+      report.loaded.push_back(name);
   }
   return report;
 }

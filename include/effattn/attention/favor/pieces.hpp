@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "effattn/attention/favor/causal_prefix.hpp"
@@ -16,6 +17,7 @@
 #include "effattn/attention/favor/random_features.hpp"
 #include "effattn/attention/feature_maps/feature_map.hpp"
 #include "effattn/attention/head_layout.hpp"
+#include "effattn/attention/random_state.hpp"
 #include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
 #include "effattn/core/parallel.hpp"
@@ -71,6 +73,37 @@ class Pieces {
                     "projection", detail::concat("a ", w.rows(), "×", w.cols(), " matrix"),
                     detail::concat("features × d_key = ", config_.features, "×", layout_.d_key));
     w_[index_of(head)] = w;
+  }
+
+  /// W as a checkpoint holds it: "features" (shared by the heads) or "features.<h>" (per head).
+  RandomState<S> random_state() const {
+    RandomState<S> state;
+    for (std::size_t i = 0; i < w_.size(); ++i)
+      state.tensors.emplace_back(feature_name(i), w_[i]);
+    return state;
+  }
+  bool claims_random_tensor(const std::string& name) const {
+    return name == "features" || name.starts_with("features.");
+  }
+  /// Why `state` cannot be this Favor's W (other matrices, or other shapes), or "".
+  std::string check_random_state(const RandomState<S>& state) const {
+    if (state.tensors.size() != w_.size())
+      return detail::concat(state.tensors.size(), " feature matrices where ", w_.size(),
+                            w_.size() == 1 ? " is" : " are", " needed (",
+                            config_.per_head ? "one per head" : "one for all heads", ")");
+    for (std::size_t i = 0; i < w_.size(); ++i) {
+      const Matrix<S>* w = find_features(state, i);
+      if (!w) return detail::concat("no '", feature_name(i), "'");
+      if (w->rows() != w_[i].rows() || w->cols() != w_[i].cols())
+        return detail::concat("'", feature_name(i), "' of ", w->rows(), "×", w->cols(),
+                              " for features × d_key = ", w_[i].rows(), "×", w_[i].cols());
+    }
+    return {};
+  }
+  /// Takes W from a state check_random_state accepts.
+  void set_random_state(const RandomState<S>& state) {
+    for (std::size_t i = 0; i < w_.size(); ++i)
+      w_[i] = *find_features(state, i);
   }
 
   /// Draws every W anew from `seed` (training redraws every so many steps).
@@ -269,6 +302,14 @@ class Pieces {
     return Map::estimates_softmax ? static_cast<S>(std::pow(double(layout_.d_key), -0.25)) : S(1);
   }
 
+  const Matrix<S>* find_features(const RandomState<S>& state, std::size_t i) const {
+    for (const auto& [name, w] : state.tensors)
+      if (name == feature_name(i)) return &w;
+    return nullptr;
+  }
+  std::string feature_name(std::size_t i) const {
+    return config_.per_head ? detail::concat("features.", i) : std::string("features");
+  }
   std::size_t index_of(Index head) const {
     return static_cast<std::size_t>(config_.per_head ? head : 0);
   }

@@ -92,6 +92,19 @@ class Rotations {
     dst = rot.matrix.leftCols(columns);
   }
 
+  /// The seed the rotations that are not fixed are drawn from.
+  std::uint64_t seed() const {
+    const std::lock_guard<std::mutex> lock(lock_.mutex);
+    return seed_;
+  }
+  /// Calls f(head, round, rotation) for every fixed rotation, in (head, round) order.
+  template <class F>
+  void for_each_fixed(F&& f) const {
+    const std::lock_guard<std::mutex> lock(lock_.mutex);
+    for (std::size_t i = 0; i < rotations_.size(); ++i)
+      if (rotations_[i].fixed) f(Index(i) / rounds_, Index(i) % rounds_, rotations_[i].matrix);
+  }
+
   /// Fixes (head, round)'s rotation to r.
   void fix(Index head, Index round, const Matrix<S>& r) {
     const std::lock_guard<std::mutex> lock(lock_.mutex);

@@ -55,6 +55,26 @@ void visit_prefixed(L& layer, std::string_view prefix, F& f) {
   });
 }
 
+/// A path and a name joined by a dot ("" on either side joins nothing).
+inline std::string join_path(std::string_view prefix, std::string_view name) {
+  std::string full(prefix);
+  if (!prefix.empty() && !name.empty()) full += '.';
+  full += name;
+  return full;
+}
+
+/// Calls f(path, policy) for every attention policy with random state (Favor's features,
+/// LSHAttention's rotations) inside `layer`, its path under `prefix`: what a layer's
+/// visit_random_state does for the layers it holds (those without any have none to visit).
+template <class L, class F>
+void visit_random_state_of(L& layer, std::string_view prefix, F& f) {
+  if constexpr (requires { layer.visit_random_state(f); })
+    layer.visit_random_state([&](std::string_view path, auto& policy) {
+      const std::string full = join_path(prefix, path);
+      f(std::string_view(full), policy);
+    });
+}
+
 /// Turns dropout on or off in layer l and in every layer it holds: calls l.set_dropout(on)
 /// where l has one (Dropout, and every stack and wrapper, which pass it on).
 template <class L>
@@ -77,6 +97,11 @@ class Wrapper {
   void set_dropout(bool on) { detail::propagate_dropout(fn_, on); }
   void check_call(const SequenceShape& shape, bool backward) const {
     detail::check_call(fn_, shape, backward);
+  }
+  /// Its layer's random state, under the same paths (the wrapper adds no segment).
+  template <class V>
+  void visit_random_state(V&& f) {
+    detail::visit_random_state_of(fn_, "", f);
   }
 
  protected:

@@ -64,6 +64,11 @@ class StackOps {
     for (Index i = 0; i < self().count(); ++i)
       self().visit(i, [&](auto& b) { visit_prefixed(b, "block." + std::to_string(i), f); });
   }
+  template <class F>
+  void visit_random_state(F&& f) {
+    for (Index i = 0; i < self().count(); ++i)
+      self().visit(i, [&](auto& b) { visit_random_state_of(b, "block." + std::to_string(i), f); });
+  }
 
   void forward(ConstView<S> x, View<S> y, const SequenceShape& shape) {
     require_call(Derived::name, x, d_in(), "y", y, d_out(), shape);
