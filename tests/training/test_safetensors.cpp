@@ -434,6 +434,20 @@ TEST_CASE("safetensors: a non-strict load takes what matches and reports the res
     CHECK_THAT(by_dtype.mismatched[0],
                Catch::Contains("F32 in the file") && Catch::Contains("F64 in the model"));
   }
+  SECTION("strictly, one Error names the first mismatch and lists every other") {
+    MultiHeadAttention<FullAttention<float>> small({.d_model = 8, .heads = 2, .seed = 1});
+    safetensors::save(file, small);
+    MultiHeadAttention<FullAttention<float>> wide({.d_model = 12, .heads = 2, .seed = 1});
+    try {
+      safetensors::load(file, wide);
+      FAIL("a strict load of another width succeeded");
+    } catch (const Error& e) {
+      CHECK(e.argument() == "tensor 'w_q'");
+      // w_q is the first; the other seven follow.
+      CHECK_THAT(e.what(), Catch::Contains("of shape [8, 8]; and 7 more:") &&
+                               Catch::Contains("tensor 'b_o' of shape [1, 8];"));
+    }
+  }
   SECTION("a malformed file is an Error in either mode") {
     std::ofstream(file, std::ios::binary | std::ios::trunc) << "hello";
     Linear<float> model({.d_in = 3, .d_out = 4});

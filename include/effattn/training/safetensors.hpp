@@ -409,6 +409,11 @@ inline std::uint64_t parse_seed(const char* who, const std::string& key, const s
   return static_cast<std::uint64_t>(seed);
 }
 
+// Why a tensor cannot be loaded, as an Error would say it.
+struct Problem {
+  std::string argument, given, expected;
+};
+
 struct File {
   std::ifstream in;
   std::uint64_t data_start = 0;
@@ -465,20 +470,21 @@ struct File {
     metadata = std::move(reader.metadata);
   }
 
-  // Throws unless tensor `name` is a rows × cols matrix (or a [cols] vector when rows is 1)
-  // of S's dtype.
+  // What is wrong with tensor `name` for a rows × cols matrix (or a [cols] vector when rows is
+  // 1) of S's dtype, as an Error's argument, given and expected; nothing if it fits.
   template <class S>
-  void check(const char* who, const std::string& name, Index rows, Index cols) const {
+  std::optional<Problem> problem(const std::string& name, Index rows, Index cols) const {
     const std::string tensor = concat("tensor '", shown(name), "'");
     const auto it = tensors.find(name);
-    require(it != tensors.end(), who, tensor, "missing from the file",
-            "a tensor for every parameter");
+    if (it == tensors.end())
+      return Problem{tensor, "missing from the file", "a tensor for every parameter"};
     const Tensor& t = it->second;
-    require(t.dtype == dtype<S>(), who, tensor, concat("of dtype ", shown(t.dtype)),
-            concat("dtype ", dtype<S>()));
-    require(has_shape(t, rows, cols), who, tensor, concat("of shape ", shape_text(t.shape)),
-            concat("[", rows, ", ", cols, "]"));
-    // The size of its bytes was checked against its shape when the header was read.
+    if (t.dtype != dtype<S>())
+      return Problem{tensor, concat("of dtype ", shown(t.dtype)), concat("dtype ", dtype<S>())};
+    if (!has_shape(t, rows, cols))
+      return Problem{tensor, concat("of shape ", shape_text(t.shape)),
+                     concat("[", rows, ", ", cols, "]")};
+    return std::nullopt;  // its bytes were checked against its shape when the header was read
   }
   // Why tensor `name` (which exists) is not a rows × cols matrix of S's dtype, or "".
   template <class S>
@@ -490,7 +496,8 @@ struct File {
   }
   template <class S>
   Matrix<S> read(const char* who, const std::string& name, Index rows, Index cols) {
-    check<S>(who, name, rows, cols);
+    if (const auto p = problem<S>(name, rows, cols))
+      throw Error(who, p->argument, p->given, p->expected);
     const Tensor& t = tensors.find(name)->second;
     Matrix<S> m(rows, cols);
     in.seekg(std::streamoff(data_start + t.begin));
@@ -591,18 +598,23 @@ LoadReport load(const std::filesystem::path& path, const LoadOptions& options, M
   detail::File file(path, who);
   const auto params = detail::parameters(models...);
   LoadReport report;
+  // Strict: every problem is collected, then one Error names the first and lists the rest.
+  std::vector<detail::Problem> problems;
+  const auto refuse = [&](std::string argument, std::string given, std::string expected) {
+    if (options.strict)
+      problems.push_back({std::move(argument), std::move(given), std::move(expected)});
+  };
   std::vector<std::size_t> matched;  // indices into params
   for (std::size_t i = 0; i < params.size(); ++i) {
     const auto& [name, value] = params[i];
     const std::string tensor = options.prefix + name;
-    if (options.strict) {
-      file.check<S>(who, tensor, value->rows(), value->cols());
-    } else if (!file.tensors.contains(tensor)) {
-      report.missing.push_back(name);
-      continue;
-    } else if (const std::string why = file.mismatch<S>(tensor, value->rows(), value->cols());
-               !why.empty()) {
-      report.mismatched.push_back(concat(name, ": ", why));
+    if (const auto p = file.problem<S>(tensor, value->rows(), value->cols())) {
+      refuse(p->argument, p->given, p->expected);
+      if (!file.tensors.contains(tensor))
+        report.missing.push_back(name);
+      else
+        report.mismatched.push_back(
+            concat(name, ": ", file.mismatch<S>(tensor, value->rows(), value->cols())));
       continue;
     }
     matched.push_back(i);
@@ -636,8 +648,8 @@ LoadReport load(const std::filesystem::path& path, const LoadOptions& options, M
       if (owner(in_models) != i) continue;
       const auto [rows, cols] = file.matrix_shape(who, name);
       if (const std::string why = file.mismatch<S>(name, rows, cols); !why.empty()) {
-        detail::require(!options.strict, who, concat("tensor '", detail::shown(name), "'"), why,
-                        concat("dtype ", detail::dtype<S>()));
+        refuse(concat("tensor '", detail::shown(name), "'"), why,
+               concat("dtype ", detail::dtype<S>()));
         bad_dtype = concat(in_models, ": ", why);
         break;
       }
@@ -650,16 +662,16 @@ LoadReport load(const std::filesystem::path& path, const LoadOptions& options, M
       continue;
     }
     if (!state.seed && state.tensors.empty()) {  // nothing of it in the file
-      detail::require(!options.strict, who, what, "missing from the file",
-                      "the random features or rotations of every Favor and LSH policy (a file "
-                      "of another policy, or saved before they were kept? LoadOptions{.strict = "
-                      "false} keeps the model's own draws)");
+      refuse(what, "missing from the file",
+             "the random features or rotations of every Favor and LSH policy (a file of another "
+             "policy, or saved before they were kept? LoadOptions{.strict = false} keeps the "
+             "model's own draws)");
       for (const std::string& name : detail::state_names(part.path, part.state))
         report.missing.push_back(name);
       continue;
     }
     if (const std::string why = part.check(state); !why.empty()) {
-      detail::require(!options.strict, who, what, why, "the random state its policy has");
+      refuse(what, why, "the random state its policy has");
       report.mismatched.push_back(concat(part.path.empty() ? "(the model)" : part.path, ": ", why));
       continue;
     }
@@ -673,11 +685,21 @@ LoadReport load(const std::filesystem::path& path, const LoadOptions& options, M
                     [&](const auto& p) { return p.first == path_in_models; }))
       continue;
     if (owner(path_in_models)) continue;  // a policy's random state
-    detail::require(!options.strict, who, concat("tensor '", detail::shown(name), "'"),
-                    "in the file",
-                    "only tensors the models have (a file of another model? LoadOptions{.strict "
-                    "= false} loads what matches, .prefix a part)");
+    refuse(concat("tensor '", detail::shown(name), "'"), "in the file",
+           "only tensors the models have (a file of another model? LoadOptions{.strict = false} "
+           "loads what matches, .prefix a part)");
     report.unexpected.push_back(name);
+  }
+  if (!problems.empty()) {  // strict: one Error, the first problem and a list of the others
+    const detail::Problem& first = problems.front();
+    std::string given = first.given;
+    if (problems.size() > 1) {
+      given += concat("; and ", problems.size() - 1, " more:");
+      for (std::size_t i = 1; i < problems.size() && i <= 20; ++i)
+        given += concat(" ", problems[i].argument, " ", problems[i].given, ";");
+      if (problems.size() > 21) given += " …";
+    }
+    throw Error(who, first.argument, given, first.expected);
   }
   std::vector<Matrix<S>> values;  // everything checked: read all, then assign all
   values.reserve(matched.size());
