@@ -239,7 +239,9 @@ TEST_CASE("MultiHeadAttention rejects bad input with a clear effattn::Error", "[
   ctx.setOnes();
   CHECK_THROWS_WITH(block.forward(wrong_width, y, {2, 6}),
                     Catch::Contains("'x'") && Catch::Contains("d_model = 8 columns"));
-  CHECK_THROWS_WITH(block.forward(x, y, {2, 5}), Catch::Contains("batch·seq"));
+  // A matrix of the wrong height is named, with the shape's count.
+  CHECK_THROWS_WITH(block.forward(x, y, {2, 5}),
+                    Catch::Contains("'x'") && Catch::Contains("shape's batch·seq = 2·5 = 10 rows"));
   CHECK_THROWS_WITH(block.forward(x, y, {2, 6, {6, 7}}),
                     Catch::Contains("shape.lengths[1]") && Catch::Contains("[0, 6]"));
   CHECK_THROWS_WITH(block.forward(x, y, {2, 6, {6}}), Catch::Contains("one length per sequence"));

@@ -485,8 +485,8 @@ class AttentionCore {
 
   void check(ConstView<S> q, ConstView<S> k, ConstView<S> v, const SequenceShape& q_shape,
              const SequenceShape& kv_shape) const {
-    q_shape.validate("AttentionCore", "q_shape", q.rows());
-    kv_shape.validate("AttentionCore", "kv_shape", k.rows());
+    q_shape.validate_rows("AttentionCore", "q_shape", "q", q.rows());
+    kv_shape.validate_rows("AttentionCore", "kv_shape", "k", k.rows());
     detail::require(kv_shape.batch == q_shape.batch, "AttentionCore", "kv_shape.batch",
                     kv_shape.batch, detail::concat("the query batch, ", q_shape.batch));
     check_size(q, q.rows(), layout_.heads * layout_.d_key, "q");

@@ -63,17 +63,30 @@ struct SequenceShape {
   /// Checks the shape against a matrix with `rows` rows; `component` and `argument`
   /// name the caller in the error message.
   void validate(const char* component, const char* argument, Index rows) const {
+    validate_shape(component, argument);
+    detail::require(rows == tokens(), component, argument,
+                    detail::concat("a matrix of ", rows, " rows"),
+                    detail::concat("batch·seq = ", batch, "·", seq, " = ", tokens(), " rows"));
+  }
+  /// Checks the shape (`argument`), then that the matrix it describes (`matrix`, named in the
+  /// error: a matrix of the wrong height is the matrix's mistake) has its batch·seq rows.
+  void validate_rows(const char* component, const char* argument, const char* matrix,
+                     Index rows) const {
+    validate_shape(component, argument);
+    detail::require(
+        rows == tokens(), component, matrix, detail::concat("a matrix of ", rows, " rows"),
+        detail::concat(argument, "'s batch·seq = ", batch, "·", seq, " = ", tokens(), " rows"));
+  }
+  /// Throws unless the shape is one (what validate checks but the rows of a matrix).
+  void validate_shape(const char* component, const char* argument) const {
     detail::require(batch > 0, component, concat_arg(argument, ".batch"), batch,
                     "at least 1 sequence");
     detail::require(seq > 0, component, concat_arg(argument, ".seq"), seq, "at least 1 token");
-    Index tokens = 0;
-    detail::require(!__builtin_mul_overflow(batch, seq, &tokens), component, argument,
+    Index count = 0;
+    detail::require(!__builtin_mul_overflow(batch, seq, &count), component, argument,
                     detail::concat("described by batch·seq = ", batch, "·", seq,
                                    ", which overflows a signed 64-bit row count"),
                     "a shape whose batch·seq fits in Index");
-    detail::require(rows == tokens, component, argument,
-                    detail::concat("a matrix of ", rows, " rows"),
-                    detail::concat("batch·seq = ", batch, "·", seq, " = ", tokens, " rows"));
     if (lengths.empty()) return;
     detail::require(static_cast<Index>(lengths.size()) == batch, component,
                     concat_arg(argument, ".lengths"), detail::concat(lengths.size(), " lengths"),

@@ -64,7 +64,7 @@ class Embedding {
   void backward(std::span<const std::int32_t> ids, ConstView<S> dy, const SequenceShape& shape) {
     check(ids);
     detail::require_matrix("Embedding", "dy", dy, Index(ids.size()), config_.d_model);
-    shape.validate("Embedding", "shape", Index(ids.size()));
+    shape.validate_rows("Embedding", "shape", "ids", Index(ids.size()));
     shape.for_each_valid_run([&](Index r0, Index rows) { add_rows(ids, dy, r0, rows); });
   }
 

@@ -267,12 +267,12 @@ class MultiHeadAttention {
     detail::require(x.cols() == d_model(), who, "x",
                     detail::concat("a matrix of ", x.cols(), " columns"),
                     detail::concat("d_model = ", d_model(), " columns"));
-    q_shape.validate(who, self ? "shape" : "q_shape", x.rows());
+    q_shape.validate_rows(who, self ? "shape" : "q_shape", "x", x.rows());
     if (self) return;
     detail::require(context.cols() == d_context(), who, "context",
                     detail::concat("a matrix of ", context.cols(), " columns"),
                     detail::concat("d_context = ", d_context(), " columns"));
-    kv_shape.validate(who, "kv_shape", context.rows());
+    kv_shape.validate_rows(who, "kv_shape", "context", context.rows());
     detail::require(kv_shape.batch == q_shape.batch, who, "kv_shape.batch", kv_shape.batch,
                     detail::concat("the query batch, ", q_shape.batch));
   }

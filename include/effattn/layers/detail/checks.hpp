@@ -25,7 +25,7 @@ void require_call(const char* component, const X& x, Index d_in, const char* y_n
                   Index y_cols, const SequenceShape& shape, const char* x_name = "x") {
   require(x.cols() == d_in, component, x_name, concat("a matrix of ", x.cols(), " columns"),
           concat(x_name[0] == 'x' ? "d_in = " : "d_out = ", d_in, " columns"));
-  shape.validate(component, "shape", x.rows());
+  shape.validate_rows(component, "shape", x_name, x.rows());
   require_matrix(component, y_name, y, x.rows(), y_cols);
   require_disjoint(component, y_name, y, x_name, x);
 }
