@@ -29,7 +29,7 @@
 
 namespace effattn {
 
-/// FAVOR+ (Choromanski et al. 2021, ALGORITHMS.md §2): with q' = q·d^{-1/4}, k' = k·d^{-1/4}
+/// FAVOR+ (Choromanski et al. 2021, docs/algorithms.md §2): with q' = q·d^{-1/4}, k' = k·d^{-1/4}
 /// and features Q' = φ(q'), K' = φ(k') from m random directions W [m × d_k],
 ///   bidirectional  out = diag(Q'(K'ᵀ1))⁻¹ · Q'(K'ᵀV)
 ///   causal         out_i = Q'_i S_i / (Q'_i · z_i),  S_i = Σ_{j≤i} K'_jᵀ V_j,  z_i = Σ_{j≤i} K'_j

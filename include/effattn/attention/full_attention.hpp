@@ -26,7 +26,7 @@ namespace effattn {
 /// Exact attention, out = softmax(s · q kᵀ + mask) v with s = 1/√d_k by default.
 ///
 /// Queries are processed in tiles of `query_tile` rows against key tiles of `key_tile`
-/// rows, keeping a running row maximum and sum (ALGORITHMS.md §1), so no n_q × n_k
+/// rows, keeping a running row maximum and sum (docs/algorithms.md §1), so no n_q × n_k
 /// matrix ever exists: time O(n_q·n_k·d), scratch O(query_tile·(key_tile + d)) per thread
 /// forward, plus O((n_q + n_k)·d) backward. In float (with GCC or Clang) forward and backward
 /// run on the packed micro-kernel (attention/full_attention/packed_forward.hpp and

@@ -35,7 +35,7 @@ enum class ProjectionSharing {
   layerwise,  ///< one E for keys and values of every head of several layers (Config::shared)
 };
 
-/// Linformer (Wang et al. 2020, ALGORITHMS.md §3): per head,
+/// Linformer (Wang et al. 2020, docs/algorithms.md §3): per head,
 ///   out = softmax(s · q (E k)ᵀ) (F v),   E k, F v ∈ ℝ^{r × d},  s = 1/√d_k by default,
 /// where E, F are a Projection along the sequence (DenseProjection: learned k × n_max;
 /// MeanPooling / MaxPooling / ConvProjection: windows of `kernel` tokens, r = n/kernel).

@@ -29,7 +29,7 @@
 
 namespace effattn {
 
-/// Reformer's LSH attention (Kitaev et al. 2020, ALGORITHMS.md §4) for one head:
+/// Reformer's LSH attention (Kitaev et al. 2020, docs/algorithms.md §4) for one head:
 ///
 ///   keys are the unit vectors k̂_j = k_j / ‖k_j‖; logits s · q_i · k̂_j, s = 1/√d_k by default.
 ///   That default reproduces the paper's code (trax's efficient_attention.attend normalises

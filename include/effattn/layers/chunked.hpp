@@ -20,7 +20,7 @@ namespace effattn {
 
 /// Applies L to rows [0, c), [c, 2c), … (the last chunk may be shorter; chunks may cross
 /// sequence boundaries, which a position-wise layer cannot tell). Forward keeps nothing,
-/// even when training; backward recomputes each chunk's forward (ALGORITHMS.md §6) and
+/// even when training; backward recomputes each chunk's forward (docs/algorithms.md §6) and
 /// releases it before the next, so the peak hidden memory is O(c · d_hidden) in both
 /// directions, at the price of one more forward of L.
 template <class L>

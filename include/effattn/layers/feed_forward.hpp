@@ -21,7 +21,7 @@
 
 namespace effattn {
 
-/// FFN(x) = act(x W_1 + b_1) W_2 + b_2 (ALGORITHMS.md §6), W_1: d_model × d_ff, W_2:
+/// FFN(x) = act(x W_1 + b_1) W_2 + b_2 (docs/algorithms.md §6), W_1: d_model × d_ff, W_2:
 /// d_ff × d_model; weights N(0, 1/fan_in) from the seed, biases 0. The hidden activation
 /// (tokens × d_ff) comes from the calling thread's layer_workspace(), except in a training
 /// forward, which keeps the pre-activation for backward. Wrap it in Chunked to bound that

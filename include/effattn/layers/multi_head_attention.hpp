@@ -25,7 +25,7 @@
 
 namespace effattn {
 
-/// Multi-head attention with any AttentionPolicy (ALGORITHMS.md §7):
+/// Multi-head attention with any AttentionPolicy (docs/algorithms.md §7):
 ///   Q = X W_q + b_q,  K = C W_k + b_k,  V = C W_v + b_v   (C = X for self-attention)
 ///   head_h = Policy(Q_h, K_h, V_h) per sequence,  Y = [head_1 … head_H] W_o + b_o.
 /// Activations are [batch·seq × features]; a head is a column block of Q, K, V, so no head

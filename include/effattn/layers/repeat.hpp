@@ -16,7 +16,8 @@ namespace effattn {
 
 /// Repeat<Block, N>: N blocks of one type, each built from the block config with its own
 /// seeds (block i's config reseeded with salt i). Repeat<Block> (N = runtime_depth) takes
-/// the depth from the config at run time. Parameters are named "<i>.<name>".
+/// the depth from the config at run time. Parameters are named "block.<i>.<name>"
+/// (layers/parameter_paths.hpp).
 inline constexpr Index runtime_depth = 0;
 
 template <class Block, Index Depth = runtime_depth>

@@ -19,7 +19,7 @@
 
 namespace effattn {
 
-/// On [tokens × 2d] = [x1 | x2] (ALGORITHMS.md §5):
+/// On [tokens × 2d] = [x1 | x2] (docs/algorithms.md §5):
 ///   y1 = x1 + F(x2),   y2 = x2 + G(y1);   inverse: x2 = y2 − G(y1),  x1 = y1 − F(x2).
 /// F and G map d columns to d. Forward never keeps activations of F or G.
 /// backward_from_output(y, dy) rebuilds the input from the output, recomputing G(y1) and

@@ -15,7 +15,7 @@
 namespace effattn {
 
 /// Sequential<A, B, …>: different layers in order, block i built from the i-th config with
-/// its seed salted by i. Parameters are named "<i>.<name>".
+/// its seed salted by i. Parameters are named "block.<i>.<name>" (layers/parameter_paths.hpp).
 template <class... Blocks>
 class Sequential
     : public detail::StackOps<Sequential<Blocks...>,

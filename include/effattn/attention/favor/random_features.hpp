@@ -1,5 +1,5 @@
 #pragma once
-// Random feature matrices for kernelised attention (Performer's FAVOR+, ALGORITHMS.md §2).
+// Random feature matrices for kernelised attention (Performer's FAVOR+, docs/algorithms.md §2).
 
 #include <Eigen/QR>
 #include <cmath>

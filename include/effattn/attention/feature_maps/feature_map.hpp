@@ -1,6 +1,6 @@
 #pragma once
 // The FeatureMap concept: what a feature map φ for kernelised attention (Performer,
-// ALGORITHMS.md §2) provides, so that Favor<S, Map> can use it.
+// docs/algorithms.md §2) provides, so that Favor<S, Map> can use it.
 //
 // Every map works on one row at a time, from the row's projections z = W x (m values, W the
 // random features) and half its squared norm h = ‖x‖²/2, and has three static functions:

@@ -15,7 +15,7 @@
 
 namespace effattn::detail::lsh {
 
-/// The logit of a token with itself (ALGORITHMS.md §4: not −∞, so a row that may see only
+/// The logit of a token with itself (docs/algorithms.md §4: not −∞, so a row that may see only
 /// itself still has a softmax).
 template <class S>
 inline constexpr S self_logit = S(-1e5);

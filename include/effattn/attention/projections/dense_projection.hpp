@@ -16,7 +16,7 @@
 
 namespace effattn {
 
-/// Linformer's learned projection (ALGORITHMS.md §3): y = E[:, :n] · x with E ∈ ℝ^{k × n_max},
+/// Linformer's learned projection (docs/algorithms.md §3): y = E[:, :n] · x with E ∈ ℝ^{k × n_max},
 /// initialised as a Johnson–Lindenstrauss projection, E_ij ~ N(0, 1/k). An input of n < n_max
 /// tokens uses the first n columns; more than n_max is an error. Padding tokens are treated
 /// as zero rows, which makes a padded sequence of valid length L behave exactly as an
