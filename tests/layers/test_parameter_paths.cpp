@@ -56,9 +56,10 @@ TEST_CASE("PreNorm files its norm and its layer by what they are; stacks number 
   using AttnBlock = Residual<PreNorm<Attn>>;
   using FFBlock = Residual<PreNorm<Chunked<FF>>>;
   using Block = Sequential<AttnBlock, FFBlock>;
-  const Block::Config block{{AttnBlock::Config{.layer = {.layer = {.d_model = 8, .heads = 2}}},
-                             FFBlock::Config{.layer = {.layer = {.layer = {.d_model = 8}}}}}};
-  Repeat<Block> model({.block = block, .depth = 2});
+  // A Sequential inside a Repeat's config: its blocks' configs, in order.
+  Repeat<Block> model({.block = {{.layer = {.layer = {.d_model = 8, .heads = 2}}},
+                                 {.layer = {.layer = {.layer = {.d_model = 8}}}}},
+                       .depth = 2});
   std::vector<std::vector<std::string>> expected;
   for (const std::string i : {"0", "1"}) {
     const std::string a = "block." + i + ".block.0.", f = "block." + i + ".block.1.";

@@ -34,11 +34,17 @@ class Sequential
   static constexpr bool reversible = (ReversibleLayer<Blocks> && ...);
   static constexpr bool position_wise = (Blocks::position_wise && ...);
 
+  /// The blocks' configs, in order. Made from them directly, so that a Sequential inside
+  /// another layer's config is written as its blocks' configs: Repeat<Sequential<A, B>>
+  /// takes {.block = {a_config, b_config}, .depth = 4}.
   struct Config {
     std::tuple<typename Blocks::Config...> blocks{};
+    Config() = default;
+    Config(typename Blocks::Config... configs) : blocks(std::move(configs)...) {}
+    explicit Config(std::tuple<typename Blocks::Config...> all) : blocks(std::move(all)) {}
     Config reseeded(std::uint64_t salt) const {
-      return {std::apply([&](const auto&... c) { return std::tuple{detail::reseed(c, salt)...}; },
-                         blocks)};
+      return Config(std::apply(
+          [&](const auto&... c) { return std::tuple{detail::reseed(c, salt)...}; }, blocks));
     }
   };
 
@@ -46,7 +52,7 @@ class Sequential
       : blocks_(build(config, std::index_sequence_for<Blocks...>{})) {
     this->check_widths();
   }
-  explicit Sequential(typename Blocks::Config... configs) : Sequential(Config{{configs...}}) {}
+  explicit Sequential(typename Blocks::Config... configs) : Sequential(Config(configs...)) {}
 
   static constexpr Index count() { return sizeof...(Blocks); }
 
