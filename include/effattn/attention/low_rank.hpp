@@ -199,7 +199,9 @@ class LowRank {
     const std::size_t projected = W::bytes_for<S>(r * d_k) + W::bytes_for<S>(r * d_v);
     const std::size_t projection =
         std::max(slots_.front()->scratch_bytes(n_k, d_k), slots_.front()->scratch_bytes(n_k, d_v));
-    return projected + std::max(attention_.scratch_bytes(n_q, r, d_k, d_v), projection);
+    // Backward called directly keeps the gradients of E k and F v (as `projected`) while a
+    // query block takes its own part of them and the attention's scratch.
+    return 2 * projected + std::max(attention_.scratch_bytes(n_q, r, d_k, d_v), projection);
   }
 
   /// Forward runs in blocks: the projected keys, then the projected values, in blocks of

@@ -553,7 +553,7 @@ struct LoadOptions {
   /// The models are a part of the file's model: parameter "<path>" reads tensor
   /// "<prefix><path>", and tensors outside the prefix are left alone (neither loaded nor
   /// unexpected). E.g. "encoder.block.0." loads one block out of a whole model's checkpoint.
-  std::string prefix;
+  std::string prefix{};
 };
 
 /// What a load did: parameter paths (without the prefix) and the file's tensor names. The random
