@@ -1,0 +1,142 @@
+// Converting a trained Transformer into a Performer: the same architecture with exact attention
+// swapped for FAVOR+ has no new parameters, so the exact model's checkpoint loads into it (the
+// Performer paper's "backward compatibility", its LM1B figure). The task is training_loop's
+// copy task (sequences 0 w 0 w, the loss on the second copy). Exact attention is trained and
+// saved; a Favor model loads the checkpoint non-strictly (its random features are its own: the
+// file has none), is evaluated right away, fine-tuned and evaluated again; a Favor model trained
+// from scratch for the same steps is the comparison. Prints the table and exits with 1 unless
+// fine-tuning the converted model helped and beat training from scratch.
+// Usage: convert_to_performer [--quick]
+#include <effattn/effattn.hpp>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+using namespace effattn;
+
+// Sequences 0 w 0 w (w: `half` − 1 symbols from 1 … vocab − 1) of batch `index`; targets are
+// the next tokens on the second copy of w only (−100 elsewhere).
+void make_batch(std::int64_t index, Index batch, Index half, Index vocab,
+                std::vector<std::int32_t>& ids, std::vector<std::int32_t>& targets) {
+  const Index seq = 2 * half;
+  ids.assign(std::size_t(batch * seq), 0);
+  targets.assign(ids.size(), -100);
+  Matrix<float> u(batch, half);
+  CounterRng(7, std::uint64_t(index)).fill_uniform(u, 0.0, 1.0);
+  for (Index b = 0; b < batch; ++b) {
+    for (Index i = 1; i < half; ++i) {
+      const auto w = std::int32_t(1 + Index(u(b, i) * float(vocab - 1)) % (vocab - 1));
+      ids[std::size_t(b * seq + i)] = ids[std::size_t(b * seq + half + i)] = w;
+    }
+    for (Index t = half; t + 1 < seq; ++t)
+      targets[std::size_t(b * seq + t)] = ids[std::size_t(b * seq + t + 1)];
+  }
+}
+
+constexpr Index vocab = 16, half = 12, batch = 16, d = 64;
+
+// The language model of training_loop with any causal attention policy: the parameters (and
+// their paths) do not depend on the policy.
+template <class Policy>
+struct LanguageModel {
+  using Attention = Residual<PreNorm<MultiHeadAttention<Policy, Causal>>>;
+  using FeedForwardBlock = Residual<PreNorm<FeedForward<float>>>;
+  using Model = Sequential<SinusoidalPositions<float>, Attention, FeedForwardBlock, Attention,
+                           FeedForwardBlock, LayerNorm<float>>;
+  Embedding<float> embed{{.vocab = vocab, .d_model = d, .seed = 1}};
+  Model model{{.d_model = d},
+              {.layer = {.layer = {.d_model = d, .heads = 4, .seed = 2}}},
+              {.layer = {.layer = {.d_model = d, .seed = 3}}},
+              {.layer = {.layer = {.d_model = d, .heads = 4, .seed = 4}}},
+              {.layer = {.layer = {.d_model = d, .seed = 5}}},
+              {.d_model = d}};
+  Linear<float> head{{.d_in = d, .d_out = vocab, .seed = 6}};
+};
+
+const SequenceShape shape{.batch = batch, .seq = 2 * half};
+
+// `steps` steps of AdamW (3e-3, warm-up then cosine decay) on batches first, first + 1, …
+template <class LM>
+void train(LM& lm, std::int64_t steps, std::int64_t first) {
+  Matrix<float> x(shape.tokens(), d), h(shape.tokens(), d), dh(shape.tokens(), d),
+      dx(shape.tokens(), d);
+  std::vector<std::int32_t> ids, targets;
+  AdamW<float> opt({.lr = 3e-3});
+  lm.model.set_training(true);
+  for (std::int64_t step = 0; step < steps; ++step) {
+    make_batch(first + step, batch, half, vocab, ids, targets);
+    lm.embed.forward(ids, x);
+    lm.model.forward(x, h, shape);
+    chunked_cross_entropy(h, lm.head, targets, dh);
+    lm.model.backward(x, dh, dx, shape);
+    lm.embed.backward(ids, dx);
+    clip_grad_norm(1.0, lm.embed, lm.model, lm.head);
+    opt.set_lr(3e-3 * cosine_decay(step, steps / 10, steps));
+    opt.step(lm.embed, lm.model, lm.head);
+    lm.embed.zero_grad(), lm.model.zero_grad(), lm.head.zero_grad();
+  }
+  lm.model.set_training(false);
+}
+
+struct Score {
+  double loss = 0, accuracy = 0;
+};
+
+// Loss and accuracy on 8 batches never trained on.
+template <class LM>
+Score evaluate(LM& lm) {
+  Matrix<float> x(shape.tokens(), d), h(shape.tokens(), d), dh(shape.tokens(), d);
+  std::vector<std::int32_t> ids, targets;
+  Score s;
+  constexpr int batches = 8;
+  for (int i = 0; i < batches; ++i) {
+    make_batch(1'000'000 + i, batch, half, vocab, ids, targets);
+    lm.embed.forward(ids, x);
+    lm.model.forward(x, h, shape);
+    const CrossEntropy loss = chunked_cross_entropy(h, lm.head, targets, dh);
+    s.loss += loss.mean() / batches;
+    s.accuracy += loss.accuracy() / batches;
+  }
+  lm.head.zero_grad();  // evaluation's cross-entropy also made the head's gradients
+  return s;
+}
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const std::int64_t source_steps = quick ? 200 : 400, tune_steps = quick ? 60 : 400;
+  const char* file = "convert_source.safetensors";
+
+  LanguageModel<FullAttention<float>> exact;
+  train(exact, source_steps, 0);
+  const Score source = evaluate(exact);
+  safetensors::save(file, exact.embed, exact.model, exact.head);
+
+  // Favor has no parameters of its own, only random features, which the file cannot have:
+  // a strict load refuses it; a non-strict one keeps the Favor model's own draws.
+  LanguageModel<Favor<float>> converted;
+  const auto report =
+      safetensors::load(file, {.strict = false}, converted.embed, converted.model, converted.head);
+  std::printf("%s\n\n", report.summary().c_str());
+  const Score loaded = evaluate(converted);
+  train(converted, tune_steps, source_steps);
+  const Score tuned = evaluate(converted);
+
+  LanguageModel<Favor<float>> scratch;
+  train(scratch, tune_steps, source_steps);
+  const Score fresh = evaluate(scratch);
+
+  std::printf("| model | training steps | loss | accuracy |\n|---|---|---|---|\n");
+  const auto row = [](const char* name, std::int64_t steps, const Score& s) {
+    std::printf("| %s | %lld | %.4f | %.1f %% |\n", name, static_cast<long long>(steps), s.loss,
+                100 * s.accuracy);
+  };
+  row("exact attention (the source)", source_steps, source);
+  row("Favor, the source's parameters loaded", 0, loaded);
+  row("Favor, loaded, then fine-tuned", tune_steps, tuned);
+  row("Favor from scratch", tune_steps, fresh);
+  std::remove(file);
+  return tuned.loss < loaded.loss && tuned.loss < fresh.loss ? 0 : 1;
+}
