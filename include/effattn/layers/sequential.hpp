@@ -41,7 +41,7 @@ class Sequential
     std::tuple<typename Blocks::Config...> blocks{};
     Config() = default;
     Config(typename Blocks::Config... configs) : blocks(std::move(configs)...) {}
-    explicit Config(std::tuple<typename Blocks::Config...> all) : blocks(std::move(all)) {}
+    Config(std::tuple<typename Blocks::Config...> all) : blocks(std::move(all)) {}
     Config reseeded(std::uint64_t salt) const {
       return Config(std::apply(
           [&](const auto&... c) { return std::tuple{detail::reseed(c, salt)...}; }, blocks));
