@@ -36,7 +36,7 @@ void make_batch(std::int64_t index, Index batch, Index half, Index vocab,
   }
 }
 
-constexpr Index vocab = 16, half = 12, batch = 16, d = 64;
+constexpr Index kVocab = 16, kHalf = 12, kBatch = 16, kWidth = 64;
 
 // The language model of training_loop with any causal attention policy: the parameters (and
 // their paths) do not depend on the policy.
@@ -46,32 +46,32 @@ struct LanguageModel {
   using FeedForwardBlock = Residual<PreNorm<FeedForward<float>>>;
   using Model = Sequential<SinusoidalPositions<float>, Attention, FeedForwardBlock, Attention,
                            FeedForwardBlock, LayerNorm<float>>;
-  Embedding<float> embed{{.vocab = vocab, .d_model = d, .seed = 1}};
-  Model model{{.d_model = d},
-              {.layer = {.layer = {.d_model = d, .heads = 4, .seed = 2}}},
-              {.layer = {.layer = {.d_model = d, .seed = 3}}},
-              {.layer = {.layer = {.d_model = d, .heads = 4, .seed = 4}}},
-              {.layer = {.layer = {.d_model = d, .seed = 5}}},
-              {.d_model = d}};
-  Linear<float> head{{.d_in = d, .d_out = vocab, .seed = 6}};
+  Embedding<float> embed{{.vocab = kVocab, .d_model = kWidth, .seed = 1}};
+  Model model{{.d_model = kWidth},
+              {.layer = {.layer = {.d_model = kWidth, .heads = 4, .seed = 2}}},
+              {.layer = {.layer = {.d_model = kWidth, .seed = 3}}},
+              {.layer = {.layer = {.d_model = kWidth, .heads = 4, .seed = 4}}},
+              {.layer = {.layer = {.d_model = kWidth, .seed = 5}}},
+              {.d_model = kWidth}};
+  Linear<float> head{{.d_in = kWidth, .d_out = kVocab, .seed = 6}};
 };
 
-const SequenceShape shape{.batch = batch, .seq = 2 * half};
+const SequenceShape kShape{.batch = kBatch, .seq = 2 * kHalf};
 
 // `steps` steps of AdamW (3e-3, warm-up then cosine decay) on batches first, first + 1, …
 template <class LM>
 void train(LM& lm, std::int64_t steps, std::int64_t first) {
-  Matrix<float> x(shape.tokens(), d), h(shape.tokens(), d), dh(shape.tokens(), d),
-      dx(shape.tokens(), d);
+  Matrix<float> x(kShape.tokens(), kWidth), h(kShape.tokens(), kWidth), dh(kShape.tokens(), kWidth),
+      dx(kShape.tokens(), kWidth);
   std::vector<std::int32_t> ids, targets;
   AdamW<float> opt({.lr = 3e-3});
   lm.model.set_training(true);
   for (std::int64_t step = 0; step < steps; ++step) {
-    make_batch(first + step, batch, half, vocab, ids, targets);
+    make_batch(first + step, kBatch, kHalf, kVocab, ids, targets);
     lm.embed.forward(ids, x);
-    lm.model.forward(x, h, shape);
+    lm.model.forward(x, h, kShape);
     chunked_cross_entropy(h, lm.head, targets, dh);
-    lm.model.backward(x, dh, dx, shape);
+    lm.model.backward(x, dh, dx, kShape);
     lm.embed.backward(ids, dx);
     clip_grad_norm(1.0, lm.embed, lm.model, lm.head);
     opt.set_lr(3e-3 * cosine_decay(step, steps / 10, steps));
@@ -88,14 +88,14 @@ struct Score {
 // Loss and accuracy on 8 batches never trained on.
 template <class LM>
 Score evaluate(LM& lm) {
-  Matrix<float> x(shape.tokens(), d), h(shape.tokens(), d), dh(shape.tokens(), d);
+  Matrix<float> x(kShape.tokens(), kWidth), h(kShape.tokens(), kWidth), dh(kShape.tokens(), kWidth);
   std::vector<std::int32_t> ids, targets;
   Score s;
   constexpr int batches = 8;
   for (int i = 0; i < batches; ++i) {
-    make_batch(1'000'000 + i, batch, half, vocab, ids, targets);
+    make_batch(1'000'000 + i, kBatch, kHalf, kVocab, ids, targets);
     lm.embed.forward(ids, x);
-    lm.model.forward(x, h, shape);
+    lm.model.forward(x, h, kShape);
     const CrossEntropy loss = chunked_cross_entropy(h, lm.head, targets, dh);
     s.loss += loss.mean() / batches;
     s.accuracy += loss.accuracy() / batches;

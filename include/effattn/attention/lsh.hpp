@@ -147,16 +147,18 @@ class LSHAttention {
     });
     return state;
   }
-  bool claims_random_tensor(const std::string& name) const { return name.starts_with("rotation."); }
+  bool claims_random_tensor(const std::string& tensor) const {
+    return tensor.starts_with("rotation.");
+  }
   /// Why `state` cannot be these rotations (no seed, a rotation of no (head, round) or of
   /// another height), or "".
   std::string check_random_state(const RandomState<S>& state) const {
     if (!state.seed) return "no seed";
-    for (const auto& [name, r] : state.tensors) {
-      const auto at = parse_rotation(name);
-      if (!at) return detail::concat("'", name, "', not rotation.<head>.<round> of this layout");
+    for (const auto& [tensor, r] : state.tensors) {
+      const auto at = parse_rotation(tensor);
+      if (!at) return detail::concat("'", tensor, "', not rotation.<head>.<round> of this layout");
       if (r.rows() != layout_.d_key || r.cols() < 1)
-        return detail::concat("'", name, "' of ", r.rows(), "×", r.cols(),
+        return detail::concat("'", tensor, "' of ", r.rows(), "×", r.cols(),
                               " for d_k = ", layout_.d_key, " rows and at least one column");
     }
     return {};
@@ -164,8 +166,8 @@ class LSHAttention {
   /// Takes the seed and fixed rotations of a state check_random_state accepts.
   void set_random_state(const RandomState<S>& state) {
     rotations_.redraw(*state.seed);
-    for (const auto& [name, r] : state.tensors) {
-      const auto at = parse_rotation(name);
+    for (const auto& [tensor, r] : state.tensors) {
+      const auto at = parse_rotation(tensor);
       rotations_.fix(at->first, at->second, r);
     }
   }
@@ -646,18 +648,19 @@ class LSHAttention {
 
  private:
   // (head, round) of a tensor named "rotation.<head>.<round>" within the layout, if it is one.
-  std::optional<std::pair<Index, Index>> parse_rotation(const std::string& name) const {
+  std::optional<std::pair<Index, Index>> parse_rotation(const std::string& tensor) const {
     Index head = 0, round = 0;
     std::size_t at = std::string("rotation.").size();
     const auto number = [&](Index& value) {
       const std::size_t start = at;
       value = 0;
-      while (at < name.size() && name[at] >= '0' && name[at] <= '9' && at - start < 9)
-        value = value * 10 + (name[at++] - '0');
+      while (at < tensor.size() && tensor[at] >= '0' && tensor[at] <= '9' && at - start < 9)
+        value = value * 10 + (tensor[at++] - '0');
       return at > start;
     };
-    if (!name.starts_with("rotation.") || !number(head) || at >= name.size() || name[at++] != '.' ||
-        !number(round) || at != name.size() || head >= layout_.heads || round >= config_.rounds)
+    if (!tensor.starts_with("rotation.") || !number(head) || at >= tensor.size() ||
+        tensor[at++] != '.' || !number(round) || at != tensor.size() || head >= layout_.heads ||
+        round >= config_.rounds)
       return std::nullopt;
     return std::pair{head, round};
   }
