@@ -9,6 +9,8 @@
 // Usage: training_loop [steps]
 #include <effattn/effattn.hpp>
 
+#include "copy_task.hpp"
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -16,25 +18,6 @@
 #include <vector>
 
 using namespace effattn;
-
-// Sequences 0 w 0 w (w: `half` − 1 symbols from 1 … vocab − 1); targets are the next tokens,
-// counted on the second copy of w only (−100 elsewhere, as PyTorch's ignore_index).
-void make_batch(std::int64_t index, Index batch, Index half, Index vocab,
-                std::vector<std::int32_t>& ids, std::vector<std::int32_t>& targets) {
-  const Index seq = 2 * half;
-  ids.assign(std::size_t(batch * seq), 0);
-  targets.assign(ids.size(), -100);
-  Matrix<float> u(batch, half);
-  CounterRng(7, std::uint64_t(index)).fill_uniform(u, 0.0, 1.0);  // batch `index`, fresh
-  for (Index b = 0; b < batch; ++b) {
-    for (Index i = 1; i < half; ++i) {
-      const auto w = std::int32_t(1 + Index(u(b, i) * float(vocab - 1)) % (vocab - 1));
-      ids[std::size_t(b * seq + i)] = ids[std::size_t(b * seq + half + i)] = w;
-    }
-    for (Index t = half; t + 1 < seq; ++t)  // predicting w's second copy from its first
-      targets[std::size_t(b * seq + t)] = ids[std::size_t(b * seq + t + 1)];
-  }
-}
 
 using Attention = Residual<PreNorm<MultiHeadAttention<FullAttention<float>, Causal>>>;
 using FeedForwardBlock = Residual<PreNorm<FeedForward<float>>>;

@@ -1,7 +1,7 @@
 // libFuzzer target for the checkpoint loaders: any bytes as a safetensors file given to
 // safetensors::load (a small model with a vector and a matrix, in float and double; strict and
-// not) and to safetensors::load_optimizer (Adam and Sgd). The only outcome allowed besides success is an
-// effattn::Error; anything else (a crash, a sanitizer report, another exception, a hang, a
+// not) and to safetensors::load_optimizer (Adam and Sgd). The only outcome allowed besides success
+// is an effattn::Error; anything else (a crash, a sanitizer report, another exception, a hang, a
 // model changed by a failed load) stops the fuzzer.
 //
 // Built with clang (-fsanitize=fuzzer,address,undefined) when EFFATTN_BUILD_FUZZ is on. With

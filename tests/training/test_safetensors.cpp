@@ -51,15 +51,6 @@ std::vector<MatD> all_parameters(Ms&... ms) {
   (ms.visit_parameters(add), ...);
   return out;
 }
-// Every parameter of a model by its path.
-template <class M>
-std::map<std::string, MatD> by_path(M& model) {
-  std::map<std::string, MatD> out;
-  model.visit_parameters([&](std::string_view path, auto& w, auto&) {
-    out[std::string(path)] = w.template cast<double>();
-  });
-  return out;
-}
 }  // namespace
 
 TEST_CASE("safetensors: a model saved and loaded has the same parameters and outputs",
@@ -393,21 +384,21 @@ TEST_CASE("safetensors: a non-strict load takes what matches and reports the res
     safetensors::save(file, full);
     MultiHeadAttention<LowRank<float>> low(
         {.d_model = 8, .heads = 2, .seed = 2, .policy = {.projection = {.k = 4, .n_max = 16}}});
-    const auto before = by_path(low);
+    const auto before = layer_testing::parameters(low);
     try {  // strictly: an Error that says how to load what matches, and nothing changes
       safetensors::load(file, low);
       FAIL("a strict load of a checkpoint without E and F succeeded");
     } catch (const Error& e) {
       CHECK(e.argument() == "tensor 'E'");
     }
-    CHECK(by_path(low) == before);
+    CHECK(layer_testing::parameters(low) == before);
 
     const auto report = safetensors::load(file, {.strict = false}, low);
     CHECK(report.missing == std::vector<std::string>{"E", "F"});
     CHECK(report.unexpected.empty());
     CHECK(report.mismatched.empty());
     CHECK(!report.complete());
-    const auto source = by_path(full), loaded = by_path(low);
+    const auto source = layer_testing::parameters(full), loaded = layer_testing::parameters(low);
     CHECK(report.loaded.size() == source.size());
     for (const auto& name : report.loaded)
       CHECK(loaded.at(name) == source.at(name));
@@ -420,14 +411,14 @@ TEST_CASE("safetensors: a non-strict load takes what matches and reports the res
     Linear<float> saved({.d_in = 3, .d_out = 4, .seed = 1});
     safetensors::save(file, saved);
     Linear<float> wider({.d_in = 3, .d_out = 6, .bias = false, .seed = 2});
-    const auto before = by_path(wider);
+    const auto before = layer_testing::parameters(wider);
     const auto report = safetensors::load(file, {.strict = false}, wider);
     CHECK(report.loaded.empty());
     CHECK(report.missing.empty());
     REQUIRE(report.mismatched.size() == 1);
     CHECK(report.mismatched[0] == "w: [3, 4] F32 in the file, [3, 6] F32 in the model");
     CHECK(report.unexpected == std::vector<std::string>{"b"});
-    CHECK(by_path(wider) == before);
+    CHECK(layer_testing::parameters(wider) == before);
     Linear<double> twin({.d_in = 3, .d_out = 4});
     const auto by_dtype = safetensors::load(file, {.strict = false}, twin);
     CHECK(by_dtype.mismatched.size() == 2);
@@ -465,7 +456,7 @@ TEST_CASE("safetensors: a prefix loads one block out of a whole model's checkpoi
   // not unexpected.
   const auto report = safetensors::load(file, {.prefix = "block.1."}, block);
   CHECK(report.complete());
-  const auto whole = by_path(model), one = by_path(block);
+  const auto whole = layer_testing::parameters(model), one = layer_testing::parameters(block);
   REQUIRE(!one.empty());
   for (const auto& [name, value] : one)
     CHECK(value == whole.at("block.1." + name));
@@ -476,7 +467,7 @@ TEST_CASE("safetensors: a prefix loads one block out of a whole model's checkpoi
   CHECK(none.loaded.empty());
   CHECK(none.missing.size() == one.size());
   CHECK(none.unexpected.empty());
-  CHECK(by_path(block) == one);
+  CHECK(layer_testing::parameters(block) == one);
   fs::remove(file);
 }
 
@@ -574,9 +565,9 @@ TEST_CASE("redraw reaches every Favor and LSH block of a model, each with its ow
   CHECK(features(a, 0) != features(b, 0));
   // A model without random state is left as it was.
   Linear<float> linear({.d_in = 3, .d_out = 4, .seed = 1});
-  const auto weights = by_path(linear);
+  const auto weights = layer_testing::parameters(linear);
   redraw(linear, 5);
-  CHECK(by_path(linear) == weights);
+  CHECK(layer_testing::parameters(linear) == weights);
 }
 
 TEST_CASE(
@@ -599,7 +590,7 @@ TEST_CASE(
         std::vector<std::string>{"block.0.attention.features", "block.1.attention.features"});
   CHECK(report.unexpected.empty());
   CHECK(report.mismatched.empty());
-  const auto source = by_path(full), loaded = by_path(favor);
+  const auto source = layer_testing::parameters(full), loaded = layer_testing::parameters(favor);
   CHECK(source == loaded);  // every parameter: the policies have none of their own
   // Features of another shape: mismatched, not loaded.
   Stack<Favor<float>> per_head(stack_config<Favor<float>>(2, {.features = 8, .per_head = true}));

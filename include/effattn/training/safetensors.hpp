@@ -14,6 +14,7 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -623,14 +624,23 @@ LoadReport load(const std::filesystem::path& path, const LoadOptions& options, M
   // and its seed, read and checked before anything is assigned.
   auto parts = detail::random_parts(models...);
   std::vector<std::pair<std::size_t, RandomState<S>>> states;  // (part, state to set)
-  const auto owner = [&](std::string_view name) -> std::optional<std::size_t> {
+  // Which policy each tensor under the prefix belongs to, if any (the first that claims it).
+  std::vector<std::vector<std::string>> owned(parts.size());
+  std::set<std::string, std::less<>> claimed;
+  for (const auto& entry : file.tensors) {
+    const std::string& name = entry.first;
+    if (!name.starts_with(options.prefix)) continue;
+    const std::string_view in_models = std::string_view(name).substr(options.prefix.size());
     for (std::size_t i = 0; i < parts.size(); ++i) {
       const std::string under = parts[i].path.empty() ? "" : parts[i].path + ".";
-      if (name.starts_with(under) && parts[i].claims(std::string(name.substr(under.size()))))
-        return i;
+      if (in_models.starts_with(under) &&
+          parts[i].claims(std::string(in_models.substr(under.size())))) {
+        owned[i].push_back(name);
+        claimed.insert(name);
+        break;
+      }
     }
-    return std::nullopt;
-  };
+  }
   for (std::size_t i = 0; i < parts.size(); ++i) {
     const auto& part = parts[i];
     const std::string what = concat("random state '", part.path, "'");
@@ -641,11 +651,8 @@ LoadReport load(const std::filesystem::path& path, const LoadOptions& options, M
         state.seed = detail::parse_seed(who, key, it->second);
     }
     std::string bad_dtype;
-    for (const auto& entry : file.tensors) {
-      const std::string& name = entry.first;
-      if (!name.starts_with(options.prefix)) continue;
+    for (const std::string& name : owned[i]) {
       const std::string_view in_models = std::string_view(name).substr(options.prefix.size());
-      if (owner(in_models) != i) continue;
       const auto [rows, cols] = file.matrix_shape(who, name);
       if (const std::string why = file.mismatch<S>(name, rows, cols); !why.empty()) {
         refuse(concat("tensor '", detail::shown(name), "'"), why,
@@ -684,7 +691,7 @@ LoadReport load(const std::filesystem::path& path, const LoadOptions& options, M
     if (std::any_of(params.begin(), params.end(),
                     [&](const auto& p) { return p.first == path_in_models; }))
       continue;
-    if (owner(path_in_models)) continue;  // a policy's random state
+    if (claimed.contains(name)) continue;  // a policy's random state
     refuse(concat("tensor '", detail::shown(name), "'"), "in the file",
            "only tensors the models have (a file of another model? LoadOptions{.strict = false} "
            "loads what matches, .prefix a part)");
