@@ -70,9 +70,15 @@ TEST_CASE("PreNorm files its norm and its layer by what they are; stacks number 
   }
   CHECK(parameter_paths(model) == joined(expected));
   check_unique(model);
+  // The same stack from the blocks' configs and the depth, without the config's names.
+  Repeat<Block> same({{.layer = {.layer = {.d_model = 8, .heads = 2}}},
+                      {.layer = {.layer = {.layer = {.d_model = 8}}}}},
+                     2);
+  CHECK(parameter_paths(same) == joined(expected));
+  CHECK(same.depth() == 2);
 }
 
-TEST_CASE("The README's Reformer encoder: reversible halves are f and g", "[layers][parameters]") {
+TEST_CASE("The guide's Reformer encoder: reversible halves are f and g", "[layers][parameters]") {
   using Lsh = MultiHeadAttention<LSHAttention<float>, Causal>;
   using RevBlock = Reversible<PreNorm<Lsh>, PreNorm<Chunked<FF>>>;
   using Encoder = Sequential<Duplicate<float>, Repeat<RevBlock>, MergeHalves<float>>;

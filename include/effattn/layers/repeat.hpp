@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <utility>
 #include <vector>
 
 #include "effattn/core/error.hpp"
@@ -47,6 +48,9 @@ class Repeat : public detail::StackOps<Repeat<Block, Depth>, typename Block::Sca
       blocks_.emplace_back(detail::reseed(config.block, static_cast<std::uint64_t>(i)));
     this->check_widths();
   }
+  /// The same, written without the config's names: Repeat<Sequential<A, B>> stack({a, b}, 12)
+  /// is 12 blocks of A then B (a Sequential's config is its blocks' configs in order).
+  Repeat(typename Block::Config block, Index depth) : Repeat(Config{std::move(block), depth}) {}
 
   Index count() const { return static_cast<Index>(blocks_.size()); }
   Index depth() const { return count(); }
