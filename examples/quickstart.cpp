@@ -28,4 +28,5 @@ int main() {
     std::printf("%.*s: %lld×%lld, |grad| = %.3f\n", int(name.size()), name.data(),
                 static_cast<long long>(w.rows()), static_cast<long long>(w.cols()), grad.norm());
   });
+  return y.allFinite() && dx.allFinite() ? 0 : 1;
 }

@@ -55,4 +55,5 @@ int main(int argc, char** argv) {
   std::printf("peak activations held %.1f MiB, peak layer scratch %.1f MiB, |dx| = %.3f\n",
               activation_meter().peak() / 1048576.0, layer_workspace().peak_bytes() / 1048576.0,
               dx.norm());
+  return y.allFinite() && dx.allFinite() ? 0 : 1;
 }
