@@ -1,5 +1,5 @@
 // The policy comparison: every attention policy at a few sequence lengths, one table.
-// Run by `cmake --workflow --preset quickstart`; see the README for how to read it.
+// Run by `cmake --workflow --preset quickstart`; see docs/performance.md for how to read it.
 #include <algorithm>
 #include <chrono>
 #include <cmath>

@@ -1,8 +1,8 @@
-# The README's scaling model of sequence-parallel attention, on paper: time of one forward
+# docs/mpi.md's scaling model of sequence-parallel attention, on paper: time of one forward
 # layer (h = 8 heads of d = 64, float) on n = 2^20 tokens over P nodes, each computing at the
-# rate of one rank measured by bench/attention_mpi_bench (the README's table, AMD EPYC with
+# rate of one rank measured by bench/attention_mpi_bench (docs/mpi.md's table, AMD EPYC with
 # AVX-512, one core), joined by a network of B bytes/s and alpha seconds per message.
-# Prints the README's markdown table: time, and in brackets the share of the ideal speed-up.
+# Prints docs/mpi.md's markdown table: time, and in brackets the share of the ideal speed-up.
 #   python3 bench/mpi_scaling_model.py
 import math
 n, h, d = 2**20, 8, 64

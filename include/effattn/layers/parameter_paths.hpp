@@ -21,7 +21,7 @@
 //   Repeat, Sequential    block.<i>.<…> for block i
 //
 // So Repeat<Residual<PreNorm<MultiHeadAttention<…>>>> has block.0.norm.gamma, …,
-// block.0.attention.w_q, …; in the README's Reformer encoder (Sequential<Duplicate,
+// block.0.attention.w_q, …; in docs/guide.md's Reformer encoder (Sequential<Duplicate,
 // Repeat<Reversible<PreNorm<attention>, PreNorm<Chunked<FeedForward>>>>, MergeHalves>) the
 // query weight of the fourth block is block.1.block.3.f.attention.w_q. The path passed to f is
 // valid during the call only: copy it (std::string) to keep it.
