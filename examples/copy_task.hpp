@@ -59,28 +59,34 @@ struct LanguageModel {
 };
 
 // `steps` steps of AdamW (3e-3, warm-up then cosine decay, gradients clipped to norm 1) on
-// batches first, first + 1, …
-template <class LM>
-void train(LM& lm, std::int64_t steps, std::int64_t first) {
+// batches first, first + 1, …; after each, on_step(step, loss) if given.
+template <class LM, class OnStep>
+void train(LM& lm, std::int64_t steps, std::int64_t first, OnStep&& on_step) {
   using effattn::Matrix;
   Matrix<float> x(kShape.tokens(), kWidth), h(kShape.tokens(), kWidth), dh(kShape.tokens(), kWidth),
       dx(kShape.tokens(), kWidth);
-  std::vector<std::int32_t> ids, targets;
+  std::vector<std::int32_t> ids, targets;  // targets: the next ids, −100 where not counted
   effattn::AdamW<float> opt({.lr = 3e-3});
   lm.model.set_training(true);
   for (std::int64_t step = 0; step < steps; ++step) {
     make_batch(first + step, kBatch, kHalf, kVocab, ids, targets);
     lm.embed.forward(ids, x);
     lm.model.forward(x, h, kShape);
-    effattn::chunked_cross_entropy(h, lm.head, targets, dh);
+    // The loss, and the head's gradients and dh (never all tokens × vocabulary logits at once).
+    const effattn::CrossEntropy loss = effattn::chunked_cross_entropy(h, lm.head, targets, dh);
     lm.model.backward(x, dh, dx, kShape);
     lm.embed.backward(ids, dx);
     effattn::clip_grad_norm(1.0, lm.embed, lm.model, lm.head);
     opt.set_lr(3e-3 * effattn::cosine_decay(step, steps / 10, steps));
     opt.step(lm.embed, lm.model, lm.head);
     lm.embed.zero_grad(), lm.model.zero_grad(), lm.head.zero_grad();
+    on_step(step, loss);
   }
   lm.model.set_training(false);
+}
+template <class LM>
+void train(LM& lm, std::int64_t steps, std::int64_t first) {
+  train(lm, steps, first, [](std::int64_t, const effattn::CrossEntropy&) {});
 }
 
 struct Score {

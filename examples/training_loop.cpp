@@ -23,47 +23,32 @@ using namespace effattn;
 using copy_task::kBatch, copy_task::kHalf, copy_task::kVocab, copy_task::kWidth;
 
 // Token ids → embedding → positions, two causal blocks, a final norm → head → logits
-// (copy_task.hpp; its training function is this loop without the printing).
+// (copy_task.hpp).
 using LanguageModel = copy_task::LanguageModel<FullAttention<float>>;
 
 int main(int argc, char** argv) {
   const std::int64_t steps = argc > 1 ? std::atoll(argv[1]) : 300;
-  const Index vocab = kVocab, half = kHalf, batch = kBatch, d = kWidth;
-  const SequenceShape shape{.batch = batch, .seq = 2 * half};
+  const Index vocab = kVocab, half = kHalf, batch = kBatch;
   LanguageModel lm;
   auto& [embed, model, head] = lm;
 
-  Matrix<float> x(shape.tokens(), d), h(shape.tokens(), d), dh(shape.tokens(), d),
-      dx(shape.tokens(), d);
-  std::vector<std::int32_t> ids, targets;
-  AdamW<float> opt({.lr = 3e-3});
-  model.set_training(true);
+  // The loop itself is copy_task::train (copy_task.hpp): a batch, forward, chunked cross-entropy,
+  // backward, clipping, the schedule, an AdamW step, zeroed gradients.
   double accuracy = 0, first_loss = 0, last_loss = 0;
-  for (std::int64_t step = 0; step < steps; ++step) {
-    copy_task::make_batch(step, batch, half, vocab, ids,
-                          targets);  // targets: next ids, −100 = skip
-    embed.forward(ids, x);
-    model.forward(x, h, shape);
-    CrossEntropy loss = chunked_cross_entropy(h, head, targets, dh);  // also head's gradients
-    model.backward(x, dh, dx, shape);
-    embed.backward(ids, dx);
-    clip_grad_norm(1.0, embed, model, head);
-    opt.set_lr(3e-3 * cosine_decay(step, steps / 10, steps));
-    opt.step(embed, model, head);
-    embed.zero_grad(), model.zero_grad(), head.zero_grad();
-
+  copy_task::train(lm, steps, 0, [&](std::int64_t step, const CrossEntropy& loss) {
     accuracy = loss.accuracy();
     (step == 0 ? first_loss : last_loss) = loss.mean();
     if (step % 50 == 0 || step + 1 == steps)
       std::printf("step %4lld  loss %.3f  accuracy %5.1f %%\n", static_cast<long long>(step),
                   loss.mean(), 100 * accuracy);
-  }
+  });
   safetensors::save("training_loop.safetensors", embed, model, head);
   std::printf("saved %zu tensors to training_loop.safetensors\n",
               parameter_paths(model).size() + 2);
 
   LanguageModel loaded;  // fresh parameters, then the checkpoint's
   safetensors::load("training_loop.safetensors", loaded.embed, loaded.model, loaded.head);
+  std::vector<std::int32_t> ids, targets;
   copy_task::make_batch(steps + 1, batch, half, vocab, ids, targets);  // sequences not trained on
   std::vector<std::int32_t> written, written_before_saving;
   const double copied = copy_task::copy_by_decoding(loaded, ids, batch, written);
