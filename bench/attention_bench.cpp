@@ -3,6 +3,8 @@
 // (forward) and attention_train/<policy>/… (forward + backward).
 // machine/fma_peak/threads:<t> measures the machine's fp32 FMA peak (one thread and all), and
 // every attention benchmark reports peak_fraction: its GFLOPs over the all-thread peak.
+// attention/full_window512/… is exact attention in a window of 512 keys (causal: the 512 up to
+// the row; not: 256 before and 255 after), its GFLOPs counted on the pairs it lets through.
 // h:1 benchmarks (one sequence, one head) show whether the threads share a head's work;
 // decode/<policy>/ctx:<c>/h:1/d:64 times one new token against a c-token cache or state.
 // Counters: GFLOPs (the policy's own work per second; LSH: the work its buckets gave),
@@ -77,12 +79,13 @@ void train(benchmark::State& state, Problem p) {
     benchmark::DoNotOptimize(dq.data());
     benchmark::ClobberMemory();
   }
-  // Exact: forward 4·n²·d, backward 10·n²·d (scores again, dV, dP, dQ, dK) per head.
+  // Exact: forward 4·n²·d, backward 10·n²·d (scores again, dV, dP, dQ, dK) per head (a window:
+  // per visible pair, not n²).
   // Favor, LowRank and LSH: counted as three forwards.
   const bool exact =
       std::is_same_v<Policy, FullAttention<float>> || std::is_same_v<Policy, NaiveAttention<float>>;
   const double calls = double(state.iterations());
-  const double work = exact ? 3.5 * exact_flops(p) * calls : 3.0 * run.flops(p, calls);
+  const double work = (exact ? 3.5 : 3.0) * run.flops(p, calls);
   state.counters["GFLOPs"] = benchmark::Counter(work / 1e9, benchmark::Counter::kIsRate);
   state.counters["peak_fraction"] =
       benchmark::Counter(work / 1e9 / peak_gflops, benchmark::Counter::kIsRate);
@@ -141,6 +144,24 @@ void add(const char* policy, const Problem& p, bool training) {
   benchmark::RegisterBenchmark(name.c_str(), fn, p)->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
+// Full attention in a window of W keys (CausalWindow<W> or SlidingWindow<W>):
+// attention[_train]/full_window<W>/…; GFLOPs count the visible (query, key) pairs only.
+template <Index W>
+void register_window(Index n, bool training) {
+  for (const bool causal : {false, true}) {
+    const Problem p{n, 8, 64, 1, causal};
+    using Fn = void (*)(benchmark::State&, Problem);
+    using Full = FullAttention<float>;
+    const Fn fn =
+        causal ? (training ? &train<Full, CausalWindow<W>> : &forward<Full, CausalWindow<W>>)
+               : (training ? &train<Full, SlidingWindow<W>> : &forward<Full, SlidingWindow<W>>);
+    const std::string policy = "full_window" + std::to_string(W);
+    const std::string name =
+        bench_name(training ? "attention_train" : "attention", policy.c_str(), p);
+    benchmark::RegisterBenchmark(name.c_str(), fn, p)->UseRealTime()->Unit(benchmark::kMillisecond);
+  }
+}
+
 template <template <class> class Policy>
 void register_policy(const char* name, Index max_n, Index max_train_n) {
   for (const bool causal : {false, true})
@@ -196,6 +217,10 @@ int main(int argc, char** argv) {
   register_policy<LowRank>("lowrank", 1 << 18, 65536);
   register_policy<LowRankMeanPooling>("lowrank_meanpool", 1 << 20, 65536);
   register_policy<LSHAttention>("lsh", 1 << 20, 65536);
+  for (const Index n : {4096, 16384}) {
+    register_window<512>(n, false);
+    register_window<512>(n, true);
+  }
   register_one_head<FullAttention>("full", 4096);
   register_one_head<Favor>("favor", 4096);
   register_one_head<LowRank>("lowrank", 4096);

@@ -91,6 +91,14 @@ double policy_flops(const Problem& p) {
     return exact_flops(p);
 }
 
+/// (query, key) pairs a window lets through in one sequence of n tokens (attention/masking.hpp).
+inline double window_pairs(Index n, KeyWindow w) {
+  double pairs = 0;
+  for (Index i = 0; i < n; ++i)
+    pairs += double(std::min(n - 1, i + w.after) - std::max<Index>(0, i - w.before) + 1);
+  return pairs;
+}
+
 /// Runs one forward of `Policy` over the whole problem through AttentionCore.
 template <class Policy, class Masking>
 struct Runner {
@@ -113,6 +121,9 @@ struct Runner {
   double flops(const Problem& p, double calls) const {
     if constexpr (requires { core.policy().work(); })
       return core.policy().work().flops(p.d, p.d);
+    else if constexpr (Masking::window > 0)  // 4·d per visible (query, key) pair
+      return calls * 4.0 * double(p.d) * double(p.heads) * double(p.batch) *
+             window_pairs(p.n, KeyWindow::of<Masking>());
     else
       return calls * policy_flops<Policy>(p);
   }

@@ -26,12 +26,16 @@ using VecD = Eigen::VectorXd;
 struct Mask {
   bool causal = false;
   Index key_length = -1;   ///< -1: every key
-  Index causal_shift = 0;  ///< query i sees key j iff j ≤ i + causal_shift (when causal)
+  Index causal_shift = 0;  ///< query i sits at key position i + causal_shift
+  Index before = -1;       ///< a window: keys at most `before` positions earlier; -1: any
+  Index after = -1;        ///< and at most `after` later; -1: any
 
   bool visible(Index i, Index j, Index n_k) const {
-    const Index length = key_length < 0 ? n_k : key_length;
+    const Index length = key_length < 0 ? n_k : key_length, p = i + causal_shift;
     if (j >= length) return false;
-    return !causal || j <= i + causal_shift;
+    if (causal && j > p) return false;
+    if (before >= 0 && j < p - before) return false;
+    return after < 0 || j <= p + after;
   }
 };
 

@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <type_traits>
 
 #include "effattn/attention/attention_core.hpp"
 #include "effattn/attention/full_attention.hpp"
@@ -13,12 +14,24 @@ using reference::MatD;
 
 namespace {
 
+// The keys a row of Masking sees, restated for the reference (attention/masking.hpp).
 template <class Masking>
-void check_against_reference(const SequenceShape& shape, Index heads, Index d) {
-  const bool causal = Masking::causal;
-  AttentionCore<FullAttention<double>, Masking> core({}, HeadLayout{heads, d, d, 0});
+reference::Mask mask_of(Index key_length, Index shift) {
+  reference::Mask mask{Masking::causal, key_length, shift};
+  if constexpr (Masking::window > 0) {
+    const Index w = Masking::window;
+    mask.before = Masking::causal ? w - 1 : w / 2;
+    mask.after = Masking::causal ? 0 : w - 1 - w / 2;
+  }
+  return mask;
+}
+
+template <class Masking, class S = double>
+void check_against_reference(const SequenceShape& shape, Index heads, Index d,
+                             typename FullAttention<S>::Config config = {}) {
+  AttentionCore<FullAttention<S>, Masking> core(config, HeadLayout{heads, d, d, 0});
   const Index t = shape.tokens();
-  Matrix<double> q(t, heads * d), k(t, heads * d), v(t, heads * d), out(t, heads * d);
+  Matrix<S> q(t, heads * d), k(t, heads * d), v(t, heads * d), out(t, heads * d);
   CounterRng(1).fill_normal(q);
   CounterRng(2).fill_normal(k);
   CounterRng(3).fill_normal(v);
@@ -26,24 +39,25 @@ void check_against_reference(const SequenceShape& shape, Index heads, Index d) {
   CHECK(core.has_saved());
   CHECK(core.scratch_growths() == 0);
 
-  Matrix<double> d_out(t, heads * d), dq(t, heads * d), dk(t, heads * d), dv(t, heads * d);
+  Matrix<S> d_out(t, heads * d), dq(t, heads * d), dk(t, heads * d), dv(t, heads * d);
   CounterRng(4).fill_normal(d_out);
   core.backward(q, k, v, out, d_out, dq, dk, dv, shape, shape);
 
   const double scale = 1.0 / std::sqrt(double(d));
+  const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-12;
   for (Index b = 0; b < shape.batch; ++b)
     for (Index h = 0; h < heads; ++h) {
       CAPTURE(b, h);
-      const reference::Mask mask{causal, shape.valid_length(b), 0};
-      auto blk = [&](const Matrix<double>& m) -> MatD {
-        return m.block(b * shape.seq, h * d, shape.seq, d);
+      const reference::Mask mask = mask_of<Masking>(shape.valid_length(b), 0);
+      auto blk = [&](const Matrix<S>& m) -> MatD {
+        return m.block(b * shape.seq, h * d, shape.seq, d).template cast<double>();
       };
       CHECK(reference::relative_error(
-                blk(out), reference::attention(blk(q), blk(k), blk(v), scale, mask)) < 1e-12);
+                blk(out), reference::attention(blk(q), blk(k), blk(v), scale, mask)) < tol);
       const auto g = reference::attention_backward(blk(q), blk(k), blk(v), blk(d_out), scale, mask);
-      CHECK(reference::gradient_error(blk(dq), g.dq) < 1e-12);
-      CHECK(reference::gradient_error(blk(dk), g.dk) < 1e-12);
-      CHECK(reference::gradient_error(blk(dv), g.dv) < 1e-12);
+      CHECK(reference::gradient_error(blk(dq), g.dq) < tol);
+      CHECK(reference::gradient_error(blk(dk), g.dk) < tol);
+      CHECK(reference::gradient_error(blk(dv), g.dv) < tol);
     }
 }
 
@@ -58,6 +72,24 @@ TEST_CASE("AttentionCore splits a lone head's queries and still matches the refe
   check_against_reference<Causal>({2, 130, {130, 77}}, 1, 4);
   // Many problems: one task per (sequence, head).
   check_against_reference<Causal>({3, 40, {40, 1, 0}}, 3, 4);
+}
+
+TEMPLATE_TEST_CASE("Windowed full attention equals the reference, forward and backward",
+                   "[core_attention][window]", float, double) {
+  using S = TestType;
+  // Small tiles, so that windows start and end inside tiles, cover whole ones and skip others;
+  // padding cuts windows short; a window wider than the sequence is plain (causal) attention.
+  const typename FullAttention<S>::Config tiles{.query_tile = 24, .key_tile = 32};
+  for (const SequenceShape& shape :
+       {SequenceShape{1, 300, {}}, SequenceShape{3, 130, {130, 77, 5}}}) {
+    CAPTURE(shape.batch);
+    check_against_reference<CausalWindow<37>, S>(shape, 2, 8, tiles);
+    check_against_reference<SlidingWindow<64>, S>(shape, 2, 8, tiles);
+    check_against_reference<SlidingWindow<1>, S>(shape, 1, 8, tiles);
+    check_against_reference<CausalWindow<1000>, S>(shape, 1, 8, tiles);
+    check_against_reference<CausalWindow<100>, S>(shape, 2, 16);  // the default tiles
+    check_against_reference<SlidingWindow<51>, S>(shape, 2, 16);
+  }
 }
 
 TEST_CASE("AttentionCore rejects mismatched inputs", "[core_attention][errors]") {
@@ -84,4 +116,38 @@ TEST_CASE("AttentionCore rejects mismatched inputs", "[core_attention][errors]")
   CHECK_NOTHROW(core.backward(q, k, v, out, out, dq, dk, dv, {2, 5}, {2, 5}));
   core.release_saved();
   CHECK_FALSE(core.has_saved());
+}
+
+TEMPLATE_TEST_CASE("A causal window decodes token by token as its forward computes",
+                   "[core_attention][window][decode]", float, double) {
+  using S = TestType;
+  // 2200 tokens: the first 2190 in one call (the forward's kernel), then one at a time against
+  // a cache of two decode blocks (2048 keys each), the first wholly before every window.
+  const Index n = 2200, d = 8, heads = 2, first = 2190;
+  AttentionCore<FullAttention<S>, CausalWindow<37>> core({}, HeadLayout{heads, d, d, 0});
+  Matrix<S> q(n, heads * d), k(n, heads * d), v(n, heads * d), out(n, heads * d);
+  CounterRng(1).fill_normal(q);
+  CounterRng(2).fill_normal(k);
+  CounterRng(3).fill_normal(v);
+  core.forward(q, k, v, out, SequenceShape{1, n, {}}, SequenceShape{1, n, {}}, false);
+  auto decoder = core.start_decoding(1);
+  Matrix<S> decoded(n, heads * d);
+  core.decode(q.topRows(first), k.topRows(first), v.topRows(first), decoded.topRows(first),
+              decoder);
+  for (Index t = first; t < n; ++t) {
+    Matrix<S> step(1, heads * d);
+    core.decode(q.middleRows(t, 1), k.middleRows(t, 1), v.middleRows(t, 1), step, decoder);
+    decoded.row(t) = step;
+  }
+  CHECK(core.last_tasks() == 2 * heads);  // both cache blocks of both heads
+  const double tol = std::is_same_v<S, float> ? 1e-5 : 1e-12;
+  CHECK(reference::relative_error(decoded.template cast<double>(), out.template cast<double>()) <
+        tol);
+  // ... and the reference's window: the last row sees keys 2163 … 2199 only.
+  const MatD expected = reference::attention(
+      q.block(0, 0, n, d).template cast<double>(), k.block(0, 0, n, d).template cast<double>(),
+      v.block(0, 0, n, d).template cast<double>(), 1.0 / std::sqrt(double(d)),
+      mask_of<CausalWindow<37>>(n, 0));
+  CHECK(reference::relative_error(decoded.block(n - 10, 0, 10, d).template cast<double>(),
+                                  expected.bottomRows(10)) < tol);
 }

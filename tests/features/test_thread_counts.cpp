@@ -112,6 +112,13 @@ TEMPLATE_TEST_CASE("Every policy gives the same bits at 1, 2, 3 and 7 threads",
         {.projection = {.k = 200, .n_max = 900}}, 16);
 }
 
+TEST_CASE("Windowed full attention gives the same bits at 1, 2, 3 and 7 threads",
+          "[threads][determinism][window]") {
+  same_bits_at_every_thread_count<FullAttention<float>, CausalWindow<100>>({}, 16);
+  same_bits_at_every_thread_count<FullAttention<float>, SlidingWindow<257>>({}, 16);
+  same_bits_at_every_thread_count<FullAttention<double>, CausalWindow<300>>({}, 16);
+}
+
 TEST_CASE("A lone head's backward is split into key blocks that all threads share", "[threads]") {
   // 900 keys in tiles of 384: three blocks, the last short; causal pairs an early tile with a
   // late one, two blocks.

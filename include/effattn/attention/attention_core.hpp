@@ -58,14 +58,11 @@ struct DecodeStateOf<Policy> {
 template <class Policy, class Masking = Bidirectional>
 class AttentionCore {
   static_assert(detail::assert_attention_policy<Policy>());
-  static constexpr bool known_masking =
-      std::is_same_v<Masking, Bidirectional> || std::is_same_v<Masking, Causal>;
   static_assert(detail::assert_masking<Masking>());
   // sizeof instantiates the check, whose own static_assert gives the message.
   static_assert(
-      sizeof(
-          detail::MaskingCheck<Policy, std::conditional_t<known_masking, Masking, Bidirectional>>) >
-      0);
+      sizeof(detail::MaskingCheck<
+             Policy, std::conditional_t<detail::is_masking<Masking>, Masking, Bidirectional>>) > 0);
 
  public:
   using Scalar = typename Policy::Scalar;
@@ -283,14 +280,19 @@ class AttentionCore {
                   "(a key/value cache) and Favor (its recurrent state) can; LSHAttention cannot, "
                   "since a prefix is hashed, sorted and chunked differently from the whole "
                   "sequence; LowRank is never causal.");
-    static_assert(causal, "effattn: decoding continues a causal model: use Causal masking");
+    static_assert(causal,
+                  "effattn: decoding continues a causal model: use Causal (or CausalWindow<W>) "
+                  "masking");
     detail::require(batch > 0, "AttentionCore", "batch", batch, "at least 1 sequence");
     Decoder d;
     d.batch = batch;
     d.owner = id_.value();
     for (Index b = 0; b < batch; ++b)
-      for (Index h = 0; h < layout_.heads; ++h)
+      for (Index h = 0; h < layout_.heads; ++h) {
         d.states.push_back(policy_.decode_state(h, layout_.d_key, layout_.d_value));
+        // A window's policy (FullAttention) keeps the masking's window in its state.
+        if constexpr (Masking::window > 0) d.states.back().window = KeyWindow::of<Masking>();
+      }
     return d;
   }
 
@@ -473,7 +475,9 @@ class AttentionCore {
 
   HeadContext context(Index b, Index head, Index q0, const SequenceShape& q_shape,
                       const SequenceShape& kv_shape) const {
-    return HeadContext{b, head, q0, kv_shape.valid_length(b), kv_shape.seq - q_shape.seq, causal};
+    HeadContext ctx{b, head, q0, kv_shape.valid_length(b), kv_shape.seq - q_shape.seq, causal};
+    ctx.window = KeyWindow::of<Masking>();
+    return ctx;
   }
 
   template <class M>

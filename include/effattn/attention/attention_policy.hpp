@@ -190,13 +190,28 @@ constexpr bool policy_shares_qk = [] {
     return false;
 }();
 
-/// Whether a policy may run under this masking (Bidirectional or Causal). A policy header
-/// may specialise it to reject causal use in its own words (see attention/low_rank.hpp).
+/// Whether a policy attends within a window (`static constexpr bool supports_window`): it reads
+/// HeadContext::key_begin and skips the keys before it.
+template <class P>
+constexpr bool policy_supports_window = [] {
+  if constexpr (requires { P::supports_window; })
+    return bool(P::supports_window);
+  else
+    return false;
+}();
+
+/// Whether a policy may run under this masking (attention/masking.hpp), checked in this one
+/// place. A policy header may specialise it to reject causal use in its own words (see
+/// attention/low_rank.hpp).
 template <class Policy, class Masking>
 struct MaskingCheck {
   static_assert(!Masking::causal || Policy::supports_causal,
                 "effattn: this attention policy cannot be causal (it mixes information from all "
                 "positions); use effattn::Bidirectional, or a policy with supports_causal.");
+  static_assert(Masking::window == 0 || policy_supports_window<Policy>,
+                "effattn: this attention policy cannot attend within a window (CausalWindow<W>, "
+                "SlidingWindow<W>): FullAttention is the policy for local heads; use "
+                "effattn::Bidirectional or effattn::Causal with this one.");
 };
 
 }  // namespace detail

@@ -7,6 +7,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 
 #include "effattn/attention/attention_policy.hpp"
 #include "effattn/attention/full_attention/packed_backward.hpp"
@@ -31,15 +32,17 @@ namespace effattn {
 /// forward, plus O((n_q + n_k)·d) backward. In float (with GCC or Clang) forward and backward
 /// run on the packed micro-kernel (attention/full_attention/packed_forward.hpp and
 /// packed_backward.hpp; the operands are packed once per call into O((n_q + n_k)·d) scratch);
-/// double uses Eigen's products. Causal key tiles wholly above the diagonal are skipped, halving
-/// the work. Rows with no visible key (padding leaves none) give 0. Forward keeps each row's
-/// log-sum-exp (n_q scalars) for backward.
+/// double uses Eigen's products. Key tiles no row of a query tile sees are skipped: causal
+/// attention does half the work, a window of W keys n·W instead of n². Rows with no visible key
+/// (padding leaves none) give 0. Forward keeps each row's log-sum-exp (n_q scalars) for backward.
 template <class S = float>
 class FullAttention {
  public:
   using Scalar = S;
   static constexpr const char* name = "full";
   static constexpr bool supports_causal = true;
+  /// CausalWindow<W> and SlidingWindow<W>: the key tiles outside every row's window are skipped.
+  static constexpr bool supports_window = true;
   static constexpr bool supports_cross_attention = true;
   static constexpr bool splits_queries = true;
 
@@ -153,12 +156,15 @@ class FullAttention {
     Matrix<S> k, v;
     Index length = 0;
     RowVector<S> lse;  ///< the new rows' running log-sum-exp while blocks merge
+    /// The masking's window (CausalWindow<W>: the last W keys). The cache still keeps every key;
+    /// the blocks wholly before the window cost nothing.
+    KeyWindow window{};
     std::size_t bytes() const { return sizeof(S) * std::size_t(k.size() + v.size()); }
   };
   /// Cached keys per decode block.
   static constexpr Index decode_block_keys = 2048;
   DecodeState decode_state(Index /*head*/, Index d_k, Index d_v) const {
-    return {Matrix<S>(0, d_k), Matrix<S>(0, d_v), 0, {}};
+    return {Matrix<S>(0, d_k), Matrix<S>(0, d_v), 0, {}, {}};
   }
   std::size_t decode_scratch_bytes(Index m, Index length, Index d_k, Index d_v) const {
     return scratch_bytes(m, length + m, d_k, d_v) + Workspace::bytes_for<S>(m * d_v) +
@@ -197,6 +203,7 @@ class FullAttention {
     ctx.key_length = n;
     ctx.causal_shift = n - m;
     ctx.causal = true;
+    ctx.window = st.window;
     if (blocks == 1) {
       merge([&] { forward(q, st.k.topRows(n), st.v.topRows(n), out, nullptr, ctx, ws); });
       return;
@@ -214,17 +221,17 @@ class FullAttention {
     // A few queries read the block's keys and values in place, once (a product with a vector
     // per query; nothing is packed): decoding is bound by reading the cache.
     for (Index i = 0; i < m; ++i) {
-      const Index seen = ctx.key_end(i);
+      const Index from = ctx.key_begin(i), seen = ctx.key_end(i) - from;
       if (seen == 0) {  // the row sees no key of this block
         o.row(i).setZero();
         lse[i] = std::numeric_limits<S>::infinity();
         continue;
       }
       Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, 1>> p(logits, seen);
-      p.noalias() = s * (kb.topRows(seen) * q.row(i).transpose());
+      p.noalias() = s * (kb.middleRows(from, seen) * q.row(i).transpose());
       const S top = detail::max_of(logits, seen);
       const S sum = detail::exp_shifted_sum(logits, seen, top);
-      o.row(i).noalias() = p.transpose() * vb.topRows(seen);
+      o.row(i).noalias() = p.transpose() * vb.middleRows(from, seen);
       o.row(i) *= sum == S(0) ? S(0) : S(1) / sum;
       lse[i] = detail::row_logsumexp(top, sum);
     }
@@ -251,9 +258,9 @@ class FullAttention {
   void forward(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Saved* saved,
                const HeadContext& ctx, Workspace& ws) const {
     if constexpr (packed) {
-      detail::full::packed_forward(
-          q, k, v, out, saved ? saved->lse.data() + ctx.query_offset : nullptr, scale(q.cols()),
-          ctx.key_length, [&](Index i) { return ctx.key_end(i); }, packed_tiles(), ws);
+      detail::full::packed_forward(q, k, v, out,
+                                   saved ? saved->lse.data() + ctx.query_offset : nullptr,
+                                   scale(q.cols()), ctx, packed_tiles(), ws);
       return;
     }
     const Index n_q = q.rows(), d_k = q.cols();
@@ -278,17 +285,20 @@ class FullAttention {
       o.setZero();
 
       const TileRange tile = tile_range(ctx, i0, rows);
-      for (Index j0 = 0; j0 < tile.key_stop; j0 += bc) {
+      for (Index j0 = tile.key_start; j0 < tile.key_stop; j0 += bc) {
         const Index cols = std::min(bc, tile.key_stop - j0);
         auto p = logits.leftCols(cols);
         p.noalias() = qs * k.middleRows(j0, cols).transpose();
-        if (j0 + cols > tile.unmasked_end) mask_tile(p, ctx, i0, j0);
+        const bool masked = tile.masks(j0, cols);
+        if (masked) mask_tile(p, ctx, i0, j0);
         detail::online_softmax_step(p, m, sum, rescale);
-        if (j0 > 0) o.array().colwise() *= Eigen::Map<const Eigen::Array<S, -1, 1>>(rescale, rows);
-        if (exact_mask && j0 + cols > tile.unmasked_end) {
+        if (j0 > tile.key_start)
+          o.array().colwise() *= Eigen::Map<const Eigen::Array<S, -1, 1>>(rescale, rows);
+        if (exact_mask && masked) {
           for (Index r = 0; r < rows; ++r) {
-            const Index visible = std::clamp<Index>(ctx.key_end(i0 + r) - j0, 0, cols);
-            o.row(r).noalias() += p.row(r).head(visible) * v.middleRows(j0, visible);
+            const auto [from, to] = visible_in_tile(ctx, i0 + r, j0, cols);
+            o.row(r).noalias() +=
+                p.row(r).segment(from, to - from) * v.middleRows(j0 + from, to - from);
           }
           continue;
         }
@@ -329,10 +339,9 @@ class FullAttention {
                       const HeadContext& ctx, Workspace& ws, Merge&& merge,
                       S* /*shared: none*/) const {
     if constexpr (packed) {
-      detail::full::packed_backward_block(
-          block, q, k, v, out, d_out, saved.lse.data() + ctx.query_offset, d_q, d_k, d_v,
-          scale(q.cols()), ctx.key_length, [&](Index i) { return ctx.key_end(i); },
-          packed_backward_tiles(), ctx.causal, ws, merge);
+      detail::full::packed_backward_block(block, q, k, v, out, d_out,
+                                          saved.lse.data() + ctx.query_offset, d_q, d_k, d_v,
+                                          scale(q.cols()), ctx, packed_backward_tiles(), ws, merge);
       return;
     }
     merge([&] { eigen_backward(q, k, v, out, d_out, saved, d_q, d_k, d_v, ctx, ws); });
@@ -368,11 +377,12 @@ class FullAttention {
       for (Index i0 = 0; i0 < n_q; i0 += br) {
         const Index rows = std::min(br, n_q - i0);
         const TileRange tile = tile_range(ctx, i0, rows);
-        if (j0 >= tile.key_stop) continue;  // wholly above the causal diagonal
+        // wholly above the causal diagonal, or outside the window
+        if (j0 >= tile.key_stop || j0 + cols <= tile.key_start) continue;
         auto p = p_buf.topLeftCorner(rows, cols);
         auto dp = dp_buf.topLeftCorner(rows, cols);
         p.noalias() = qs.middleRows(i0, rows) * kj.transpose();
-        if (j0 + cols > tile.unmasked_end) mask_tile(p, ctx, i0, j0);
+        if (tile.masks(j0, cols)) mask_tile(p, ctx, i0, j0);
         for (Index r = 0; r < rows; ++r)
           detail::exp_shifted_sum(&p(r, 0), cols, lse[i0 + r]);
         const auto d_oi = d_out.middleRows(i0, rows);
@@ -388,21 +398,33 @@ class FullAttention {
   }
 
   struct TileRange {
-    Index key_stop;      // keys [0, key_stop) are visible to some row of the tile
-    Index unmasked_end;  // keys [0, unmasked_end) are visible to every row of the tile
+    Index key_start, key_stop;  // keys [key_start, key_stop) are visible to some row of the tile
+    Index all_start, all_stop;  // keys [all_start, all_stop) are visible to every row of it
+    /// Whether some row of the tile misses one of the keys [j0, j0 + cols).
+    bool masks(Index j0, Index cols) const { return j0 < all_start || j0 + cols > all_stop; }
   };
 
-  // key_end(i) grows with i, so the first row bounds what all rows see, the last what any sees.
+  // key_begin(i) and key_end(i) grow with i, so the first row bounds what all rows see from
+  // above and the last from below, and the first and last rows together what any row sees.
   static TileRange tile_range(const HeadContext& ctx, Index i0, Index rows) {
-    return {ctx.key_end(i0 + rows - 1), ctx.key_end(i0)};
+    const Index last = i0 + rows - 1;
+    return {ctx.key_begin(i0), ctx.key_end(last), ctx.key_begin(last), ctx.key_end(i0)};
+  }
+
+  /// The columns [from, to) of the key tile at j0 (cols wide) that row i sees.
+  static std::pair<Index, Index> visible_in_tile(const HeadContext& ctx, Index i, Index j0,
+                                                 Index cols) {
+    const Index to = std::clamp<Index>(ctx.key_end(i) - j0, 0, cols);
+    return {std::clamp<Index>(ctx.key_begin(i) - j0, 0, to), to};
   }
 
   template <class Tile>
   static void mask_tile(Tile& p, const HeadContext& ctx, Index i0, Index j0) {
     const Index cols = p.cols();
     for (Index r = 0; r < p.rows(); ++r) {
-      const Index visible = std::clamp<Index>(ctx.key_end(i0 + r) - j0, 0, cols);
-      p.row(r).tail(cols - visible).setConstant(-std::numeric_limits<S>::infinity());
+      const auto [from, to] = visible_in_tile(ctx, i0 + r, j0, cols);
+      p.row(r).head(from).setConstant(-std::numeric_limits<S>::infinity());
+      p.row(r).tail(cols - to).setConstant(-std::numeric_limits<S>::infinity());
     }
   }
 

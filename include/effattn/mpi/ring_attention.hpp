@@ -48,7 +48,7 @@ namespace effattn::mpi {
 /// before any data moves.
 template <class S, class Masking = Bidirectional>
 class RingAttention {
-  static_assert(effattn::detail::assert_masking<Masking>());
+  static_assert(detail::assert_sharded_masking<Masking>());
 
  public:
   using Scalar = S;

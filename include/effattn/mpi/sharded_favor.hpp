@@ -44,7 +44,7 @@ namespace effattn::mpi {
 /// moves.
 template <class S, class Map, class Masking = Bidirectional>
 class ShardedFavor {
-  static_assert(effattn::detail::assert_masking<Masking>());
+  static_assert(detail::assert_sharded_masking<Masking>());
 
  public:
   using Scalar = S;

@@ -40,7 +40,7 @@ namespace effattn::mpi {
 /// any data moves.
 template <class S, class Masking = Bidirectional>
 class ShardedLowRank {
-  static_assert(effattn::detail::assert_masking<Masking>());
+  static_assert(detail::assert_sharded_masking<Masking>());
   static_assert(!Masking::causal,
                 "effattn: LowRank (Linformer) cannot be causal: its projections E, F mix all "
                 "positions of the sequence.");

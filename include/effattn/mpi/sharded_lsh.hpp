@@ -66,7 +66,7 @@ namespace effattn::mpi {
 /// rank's share. A call some rank rejects throws on every rank before any data moves.
 template <class S, class Masking = Bidirectional>
 class ShardedLSH {
-  static_assert(effattn::detail::assert_masking<Masking>());
+  static_assert(detail::assert_sharded_masking<Masking>());
 
  public:
   using Scalar = S;

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <limits>
+#include <utility>
 
 #include "effattn/attention/head_context.hpp"
 #include "effattn/core/finite.hpp"
@@ -37,12 +38,13 @@ inline std::size_t packed_forward_bytes(Index n_q, Index n_k, Index d_k, Index d
 /// micro-kernel streams; per query tile, every key tile runs S = Q·Kᵀ on the micro-kernel, the
 /// mask (only on tiles the diagonal or the padding crosses), the online softmax step (native
 /// exp) and O = rescale·O + P·V on the micro-kernel with the rescale folded into its store.
-template <class KeyEnd>
-void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<float> v, View<float> out,
-                    float* lse, float scale, Index key_length, KeyEnd&& key_end, PackedTiles t,
-                    Workspace& ws) {
+/// The keys query row i sees are [ctx.key_begin(i), ctx.key_end(i)) (HeadContext); key tiles no
+/// row of a query tile sees are skipped, so a window of W keys costs n·W.
+inline void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<float> v,
+                           View<float> out, float* lse, float scale, const HeadContext& ctx,
+                           PackedTiles t, Workspace& ws) {
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  const Index n_q = q.rows(), d_k = q.cols(), d_v = v.cols(), keys = key_length;
+  const Index n_q = q.rows(), d_k = q.cols(), d_v = v.cols(), keys = ctx.key_length;
   const Index dv_pad = kernel::padded(d_v), n_pad = std::max<Index>(keys, 1);
   Workspace::Frame frame(ws);
   float* kp = ws.take<float>(kernel::padded(keys) * d_k);
@@ -72,22 +74,33 @@ void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<float> v, 
     std::fill(o, o + rows * dv_pad, 0.0f);
     std::fill(m, m + rows, neg_inf);
     std::fill(l, l + rows, 0.0f);
-    // key_end grows with the row: the last row bounds what any row sees, the first what all do.
-    const Index key_stop = key_end(i0 + rows - 1), unmasked = key_end(i0);
-    for (Index j0 = 0; j0 < key_stop; j0 += bc) {
+    // key_begin and key_end grow with the row: the first and last rows bound what any row sees,
+    // and what every row does. Key tiles start on a whole panel of the packed keys.
+    const Index last = i0 + rows - 1;
+    const Index key_stop = ctx.key_end(last), all_stop = ctx.key_end(i0);
+    const Index all_start = ctx.key_begin(last);
+    const Index key_start = ctx.key_begin(i0) / kernel::panel * kernel::panel;
+    const auto visible = [&](Index r, Index j0, Index cols) {  // row i0 + r's columns of a tile
+      const Index to = std::clamp<Index>(ctx.key_end(i0 + r) - j0, 0, cols);
+      return std::pair{std::clamp<Index>(ctx.key_begin(i0 + r) - j0, 0, to), to};
+    };
+    for (Index j0 = key_start; j0 < key_stop; j0 += bc) {
       const Index cols = std::min(bc, key_stop - j0);
       kernel::gemm(rows, cols, d_k, {qs, d_k}, kp + j0 * d_k, kernel::panel * d_k, p, bc);
-      const bool masked = j0 + cols > unmasked;
+      const bool masked = j0 < all_start || j0 + cols > all_stop;
       for (Index r = 0; r < rows; ++r) {
         float* row = p + r * bc;
-        const Index visible = masked ? std::clamp<Index>(key_end(i0 + r) - j0, 0, cols) : cols;
-        std::fill(row + visible, row + cols, neg_inf);
+        if (masked) {
+          const auto [from, to] = visible(r, j0, cols);
+          std::fill(row, row + from, neg_inf);
+          std::fill(row + to, row + cols, neg_inf);
+        }
         alpha[r] = online_softmax_row(row, cols, m[r], l[r]);
       }
       if (masked && exact_mask) {
         for (Index r = 0; r < rows; ++r) {
-          const Index visible = std::clamp<Index>(key_end(i0 + r) - j0, 0, cols);
-          kernel::gemm(1, d_v, visible, {p + r * bc, bc}, vp + j0 * kernel::panel,
+          const auto [from, to] = visible(r, j0, cols);
+          kernel::gemm(1, d_v, to - from, {p + r * bc + from, bc}, vp + (j0 + from) * kernel::panel,
                        kernel::panel * n_pad, o + r * dv_pad, dv_pad, kernel::Update::rescale,
                        alpha + r);
         }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "effattn/attention/head_layout.hpp"
+#include "effattn/attention/masking.hpp"
 #include "effattn/core/aliasing.hpp"
 #include "effattn/core/error.hpp"
 #include "effattn/core/sequence_shape.hpp"
@@ -18,6 +19,17 @@
 #include "effattn/mpi/sequence_shards.hpp"
 
 namespace effattn::mpi::detail {
+
+/// The maskings sequence parallelism runs: Bidirectional or Causal (not yet a window).
+template <class Masking>
+constexpr bool assert_sharded_masking() {
+  static_assert(effattn::detail::assert_masking<Masking>());
+  static_assert(Masking::window == 0,
+                "effattn: sequence parallelism (mpi::) does not run windowed masking "
+                "(CausalWindow<W>, SlidingWindow<W>) yet; use Bidirectional or Causal, or run the "
+                "windowed block without mpi::SequenceParallel.");
+  return true;
+}
 
 /// What a sequence-parallel attention (`who`) knows of its call: the ranks, the shards and the
 /// heads, and the checks of a call that every rank must pass before any data moves.
