@@ -1,6 +1,7 @@
 // AttentionCore: scheduling of (sequence, head) problems, query splits, saved state, errors.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -118,13 +119,14 @@ TEST_CASE("AttentionCore rejects mismatched inputs", "[core_attention][errors]")
   CHECK_FALSE(core.has_saved());
 }
 
-TEMPLATE_TEST_CASE("A causal window decodes token by token as its forward computes",
-                   "[core_attention][window][decode]", float, double) {
-  using S = TestType;
-  // 2200 tokens: the first 2190 in one call (the forward's kernel), then one at a time against
-  // a cache of two decode blocks (2048 keys each), the first wholly before every window.
-  const Index n = 2200, d = 8, heads = 2, first = 2190;
-  AttentionCore<FullAttention<S>, CausalWindow<37>> core({}, HeadLayout{heads, d, d, 0});
+namespace {
+
+// Decodes n tokens, the first `first` in one call and the rest one at a time, with a block of
+// CausalWindow<W>, and checks them against its forward; returns the largest cache it held.
+template <Index W, class S>
+Index check_windowed_decoding(Index n, Index first, Index heads, Index expected_tasks) {
+  const Index d = 8;
+  AttentionCore<FullAttention<S>, CausalWindow<W>> core({}, HeadLayout{heads, d, d, 0});
   Matrix<S> q(n, heads * d), k(n, heads * d), v(n, heads * d), out(n, heads * d);
   CounterRng(1).fill_normal(q);
   CounterRng(2).fill_normal(k);
@@ -134,20 +136,35 @@ TEMPLATE_TEST_CASE("A causal window decodes token by token as its forward comput
   Matrix<S> decoded(n, heads * d);
   core.decode(q.topRows(first), k.topRows(first), v.topRows(first), decoded.topRows(first),
               decoder);
+  Index largest = 0;
   for (Index t = first; t < n; ++t) {
     Matrix<S> step(1, heads * d);
     core.decode(q.middleRows(t, 1), k.middleRows(t, 1), v.middleRows(t, 1), step, decoder);
     decoded.row(t) = step;
+    largest = std::max(largest, decoder.states[0].k.rows());
   }
-  CHECK(core.last_tasks() == 2 * heads);  // both cache blocks of both heads
+  CHECK(core.last_tasks() == expected_tasks);
   const double tol = std::is_same_v<S, float> ? 1e-5 : 1e-12;
   CHECK(reference::relative_error(decoded.template cast<double>(), out.template cast<double>()) <
         tol);
-  // ... and the reference's window: the last row sees keys 2163 … 2199 only.
+  // ... and the reference's window: the last rows see their W keys only.
   const MatD expected = reference::attention(
       q.block(0, 0, n, d).template cast<double>(), k.block(0, 0, n, d).template cast<double>(),
       v.block(0, 0, n, d).template cast<double>(), 1.0 / std::sqrt(double(d)),
-      mask_of<CausalWindow<37>>(n, 0));
+      mask_of<CausalWindow<W>>(n, 0));
   CHECK(reference::relative_error(decoded.block(n - 10, 0, 10, d).template cast<double>(),
                                   expected.bottomRows(10)) < tol);
+  return largest;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("A causal window decodes token by token as its forward computes",
+                   "[core_attention][window][decode]", float, double) {
+  using S = TestType;
+  // One token at a time: the cache keeps the window's keys, not the sequence's 600.
+  CHECK(check_windowed_decoding<37, S>(600, 1, 2, 2) <= 2 * (37 + 1));
+  // 2190 tokens in one call (the forward's kernel), then one at a time: the cache drops the
+  // keys before the window and keeps 2100, two decode blocks of 2048 keys.
+  check_windowed_decoding<2100, S>(2200, 2190, 2, 2 * 2);
 }

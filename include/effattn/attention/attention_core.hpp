@@ -314,10 +314,17 @@ class AttentionCore {
       detail::require_disjoint(who, "out", out, name, mat);
     const int threads = max_threads();
     pool_.resize(threads);
-    pool_.reserve_each(policy_.decode_scratch_bytes(m, d.length, dk, dv));
     const auto state = [&](Index problem) -> auto& {
       return d.states[static_cast<std::size_t>(problem)];
     };
+    // Keys in each problem's cache (the same in all): a windowed cache drops what no token sees.
+    const auto cached = [&] {
+      if constexpr (requires { state(0).cached(); })
+        return state(0).cached();
+      else
+        return d.length;
+    };
+    pool_.reserve_each(policy_.decode_scratch_bytes(m, cached(), dk, dv));
     // A policy that decodes in blocks (FullAttention: blocks of a long cache) appends the new
     // keys first, then runs every (problem, block) as a task, merging each problem's blocks in
     // block order: the same bits for every thread count.
@@ -330,7 +337,7 @@ class AttentionCore {
         policy_.decode_append(k.block(b * m, head * dk, m, dk), v.block(b * m, head * dv, m, dv),
                               state(problem));
       });
-      const Index blocks = std::max<Index>(1, policy_.decode_blocks(m, d.length + m));
+      const Index blocks = std::max<Index>(1, policy_.decode_blocks(m, cached()));
       run_blocks(d.batch * h, blocks, threads,
                  [&](Index problem, Index block, int slot, const detail::StepOrder& order) {
                    const Index b = problem / h, head = problem % h;

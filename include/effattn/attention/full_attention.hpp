@@ -152,25 +152,31 @@ class FullAttention {
   /// forward over the whole sequence would (cost O(m·length·d) for m new tokens). A few new
   /// tokens against a long cache run in blocks of decode_block_keys cached keys, one task each,
   /// merged in block order by their log-sum-exp (flash decoding): the threads share a head.
+  ///
+  /// Under CausalWindow<W> the cache drops the keys no later token sees: when it would grow, it
+  /// first moves its last W − 1 keys to the front, so it holds at most about 2·(W + m) keys
+  /// (m: the most tokens one call decoded) however long the sequence, at O(1) rows moved per
+  /// token on average.
   struct DecodeState {
     Matrix<S> k, v;
-    Index length = 0;
-    RowVector<S> lse;  ///< the new rows' running log-sum-exp while blocks merge
-    /// The masking's window (CausalWindow<W>: the last W keys). The cache still keeps every key;
-    /// the blocks wholly before the window cost nothing.
-    KeyWindow window{};
+    Index length = 0;    ///< tokens decoded so far
+    RowVector<S> lse;    ///< the new rows' running log-sum-exp while blocks merge
+    KeyWindow window{};  ///< the masking's window (none: every key is kept)
+    Index first = 0;     ///< the position of the token in row 0 of k and v
+    /// Keys in the cache: rows [0, cached()) of k and v.
+    Index cached() const { return length - first; }
     std::size_t bytes() const { return sizeof(S) * std::size_t(k.size() + v.size()); }
   };
   /// Cached keys per decode block.
   static constexpr Index decode_block_keys = 2048;
   DecodeState decode_state(Index /*head*/, Index d_k, Index d_v) const {
-    return {Matrix<S>(0, d_k), Matrix<S>(0, d_v), 0, {}, {}};
+    return {Matrix<S>(0, d_k), Matrix<S>(0, d_v), 0, {}, {}, 0};
   }
   std::size_t decode_scratch_bytes(Index m, Index length, Index d_k, Index d_v) const {
     return scratch_bytes(m, length + m, d_k, d_v) + Workspace::bytes_for<S>(m * d_v) +
            Workspace::bytes_for<S>(m) + Workspace::bytes_for<S>(decode_block_keys);
   }
-  /// Blocks of a decode of m new tokens that makes the cache n long: the cache in blocks of
+  /// Blocks of a decode of m new tokens that makes the cache n keys long: the cache in blocks of
   /// decode_block_keys when the new tokens are few (at most decode_few_queries), else one (the
   /// forward's kernel: the queries are many, and one task per head keeps the cores busy).
   static constexpr Index decode_few_queries = 8;
@@ -180,24 +186,36 @@ class FullAttention {
   }
   /// Appends the new tokens' keys and values to the cache (before any block runs).
   void decode_append(ConstView<S> k, ConstView<S> v, DecodeState& st) const {
-    const Index m = k.rows(), n = st.length + m;
+    const Index m = k.rows();
+    if (st.window.before != KeyWindow::none && st.cached() + m > st.k.rows()) {
+      // The first new token (at position length) sees keys from length − before on, and every
+      // later token fewer: the keys before that are dropped, the rest move to the front.
+      const Index keep_from = std::max(st.first, st.length - st.window.before);
+      const Index drop = keep_from - st.first, keep = st.length - keep_from;
+      for (Index r = 0; drop > 0 && r < keep; ++r) {  // upwards: a row is read before overwritten
+        st.k.row(r) = st.k.row(drop + r);
+        st.v.row(r) = st.v.row(drop + r);
+      }
+      st.first = keep_from;
+    }
+    const Index at = st.cached(), n = at + m;
     if (st.k.rows() < n) {
       const Index rows = std::max<Index>({n, 2 * st.k.rows(), 16});
       st.k.conservativeResize(rows, Eigen::NoChange);
       st.v.conservativeResize(rows, Eigen::NoChange);
     }
-    st.k.middleRows(st.length, m) = k;
-    st.v.middleRows(st.length, m) = v;
-    st.length = n;
+    st.k.middleRows(at, m) = k;
+    st.v.middleRows(at, m) = v;
+    st.length += m;
     st.lse.resize(m);
   }
-  /// Block `block` of decode_blocks(m, st.length) after decode_append: the new queries q against
+  /// Block `block` of decode_blocks(m, st.cached()) after decode_append: the new queries q against
   /// its cached keys, merged into out inside merge(step), which runs the blocks' steps in block
   /// order.
   template <class Merge>
   void decode_block(Index block, ConstView<S> q, View<S> out, Index head, DecodeState& st,
                     Workspace& ws, Merge&& merge) const {
-    const Index m = q.rows(), n = st.length, blocks = decode_blocks(m, n);
+    const Index m = q.rows(), n = st.cached(), blocks = decode_blocks(m, n);
     HeadContext ctx;
     ctx.head = head;
     ctx.key_length = n;
@@ -246,7 +264,7 @@ class FullAttention {
   void decode(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Index head,
               DecodeState& st, Workspace& ws) const {
     decode_append(k, v, st);
-    const Index blocks = decode_blocks(q.rows(), st.length);
+    const Index blocks = decode_blocks(q.rows(), st.cached());
     for (Index b = 0; b < blocks; ++b)
       decode_block(b, q, out, head, st, ws, detail::InCallOrder{});
   }
