@@ -43,6 +43,7 @@ void check_against_reference(const SequenceShape& shape, Index heads, Index d,
   Matrix<S> d_out(t, heads * d), dq(t, heads * d), dk(t, heads * d), dv(t, heads * d);
   CounterRng(4).fill_normal(d_out);
   core.backward(q, k, v, out, d_out, dq, dk, dv, shape, shape);
+  CHECK(core.scratch_growths() == 0);  // forward and backward ran in the scratch they planned
 
   const double scale = 1.0 / std::sqrt(double(d));
   const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-12;

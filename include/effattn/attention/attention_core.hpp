@@ -70,7 +70,11 @@ class AttentionCore {
   static constexpr bool causal = Masking::causal;
 
   AttentionCore(typename Policy::Config config, HeadLayout layout)
-      : layout_(layout), policy_(config, layout) {}
+      : layout_(layout), policy_(config, layout) {
+    // A policy that fits its tiles to a window (FullAttention) is told the masking's.
+    if constexpr (requires(Policy & p) { p.use_window(KeyWindow{}); })
+      policy_.use_window(KeyWindow::of<Masking>());
+  }
 
   const HeadLayout& layout() const { return layout_; }
   Policy& policy() { return policy_; }

@@ -113,17 +113,44 @@ class FullAttention {
   /// 6 or 12 rows) query rows and `key_tile` (default 512) keys, the key tile rounded up to
   /// whole panels. The 96 × 512 tile of probabilities (192 KiB) stays in L2; measured on
   /// AVX-512 and AVX2 builds, larger key tiles spend less on each tile's rescale.
+  /// In a window of at most window_tiled_keys keys (use_window) the defaults fit the window:
+  /// query tiles of window_query_rows rows, and key tiles that hold every key such a tile sees
+  /// (W + rows − 1, plus a panel for the alignment of the first), so a query tile is one pass:
+  /// less of each tile is masked out (a 96-row tile of a 512-key window spans 607 keys).
   detail::full::PackedTiles packed_tiles() const {
-    return {config_.query_tile > 0 ? config_.query_tile : 96,
-            config_.key_tile > 0 ? config_.key_tile : 512};
+    Index rows = 96, keys = 512;
+    if (const Index w = window_keys(); w > 0 && w <= window_tiled_keys) {
+      rows = window_query_rows;
+      keys = detail::kernel::padded(w + rows - 1 + detail::kernel::panel - 1);
+    }
+    return {config_.query_tile > 0 ? config_.query_tile : rows,
+            config_.key_tile > 0 ? config_.key_tile : keys};
   }
   /// The packed backward's tiles: `query_tile` (default 96) query rows and `key_tile` (default
   /// 384) keys. The outer loop runs over key tiles, whose dK and dV (384 × d) stay in L2 while
   /// the query tiles stream; measured on AVX-512 and AVX2 builds, 192-key tiles are 3–7 % slower.
+  /// In a window of at most window_tiled_keys keys the default key tile is
+  /// window_backward_keys: the rows that see a key tile are W + keys − 1, of which each sees
+  /// only its W, so narrow key tiles waste less.
   detail::full::PackedTiles packed_backward_tiles() const {
+    const Index w = window_keys();
+    const Index keys = w > 0 && w <= window_tiled_keys ? window_backward_keys : 384;
     return {config_.query_tile > 0 ? config_.query_tile : 96,
-            config_.key_tile > 0 ? config_.key_tile : 384};
+            config_.key_tile > 0 ? config_.key_tile : keys};
   }
+
+  /// The masking's window, told by the core that runs this policy (AttentionCore, on
+  /// construction), so that the default tiles fit it. Only speed depends on it: which keys a
+  /// row sees comes with each call (HeadContext).
+  void use_window(KeyWindow window) { window_ = window; }
+  /// Keys a row of the window sees at most (0: no window).
+  Index window_keys() const {
+    if (window_.before == KeyWindow::none) return 0;
+    return window_.before + 1 + (window_.after == KeyWindow::none ? 0 : window_.after);
+  }
+  static constexpr Index window_tiled_keys = 1024;
+  static constexpr Index window_query_rows = 48;
+  static constexpr Index window_backward_keys = 128;
 
   /// Rows of a query tile: AttentionCore splits a head's queries into whole tiles.
   Index query_grain(Index d_k, Index d_v) const {
@@ -448,6 +475,7 @@ class FullAttention {
 
   Config config_;
   HeadLayout layout_;
+  KeyWindow window_{};
 };
 
 static_assert(AttentionPolicy<FullAttention<float>>);

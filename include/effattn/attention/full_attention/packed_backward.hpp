@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <limits>
 
 #include "effattn/attention/full_attention/packed_forward.hpp"
 #include "effattn/attention/head_context.hpp"
@@ -71,7 +70,6 @@ void packed_backward_block(Index block, ConstView<float> q, ConstView<float> k, 
                            ConstView<float> out, ConstView<float> d_out, const float* lse,
                            View<float> d_q, View<float> d_k, View<float> d_v, float scale,
                            const HeadContext& ctx, PackedTiles t, Workspace& ws, Merge&& merge) {
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   constexpr Index panel = kernel::panel;
   const Index n_q = q.rows(), n_k = k.rows(), dk = q.cols(), dv = v.cols();
   const Index dk_pad = kernel::padded(dk), dv_pad = kernel::padded(dv);
@@ -166,12 +164,16 @@ void packed_backward_block(Index block, ConstView<float> q, ConstView<float> k, 
                    panel * dk, p, bc);
       for (Index r = 0; r < rows; ++r) {
         float* row = p + r * bc;
-        if (masked) {
-          const Index end = std::clamp<Index>(ctx.key_end(i0 + r) - j0, 0, cols);
-          std::fill(row, row + std::clamp<Index>(ctx.key_begin(i0 + r) - j0, 0, end), neg_inf);
-          std::fill(row + end, row + cols, neg_inf);
+        if (!masked) {
+          exp_shifted_sum(row, cols, lse[i0 + r]);  // +∞ for a row that sees nothing: all 0
+          continue;
         }
-        exp_shifted_sum(row, cols, lse[i0 + r]);  // +∞ for a row that sees nothing: all 0
+        // The keys the row does not see get probability 0.
+        const Index end = std::clamp<Index>(ctx.key_end(i0 + r) - j0, 0, cols);
+        const Index begin = std::clamp<Index>(ctx.key_begin(i0 + r) - j0, 0, end);
+        std::fill(row, row + begin, 0.0f);
+        std::fill(row + end, row + cols, 0.0f);
+        exp_shifted_sum(row + begin, end - begin, lse[i0 + r]);
       }
       // dV_j += Pᵀ dO_i
       kernel::gemm(cols, dv, rows, {p, 1, bc}, dop + at * panel, panel * seen_rows, dv_tile, dv_pad,

@@ -90,12 +90,15 @@ inline void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<flo
       const bool masked = j0 < all_start || j0 + cols > all_stop;
       for (Index r = 0; r < rows; ++r) {
         float* row = p + r * bc;
-        if (masked) {
-          const auto [from, to] = visible(r, j0, cols);
-          std::fill(row, row + from, neg_inf);
-          std::fill(row + to, row + cols, neg_inf);
+        if (!masked) {
+          alpha[r] = online_softmax_row(row, cols, m[r], l[r]);
+          continue;
         }
-        alpha[r] = online_softmax_row(row, cols, m[r], l[r]);
+        // The keys the row does not see get probability 0; the softmax runs on the rest.
+        const auto [from, to] = visible(r, j0, cols);
+        std::fill(row, row + from, 0.0f);
+        std::fill(row + to, row + cols, 0.0f);
+        alpha[r] = online_softmax_row(row + from, to - from, m[r], l[r]);
       }
       if (masked && exact_mask) {
         for (Index r = 0; r < rows; ++r) {
