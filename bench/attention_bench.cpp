@@ -5,6 +5,8 @@
 // every attention benchmark reports peak_fraction: its GFLOPs over the all-thread peak.
 // attention/full_window512/… is exact attention in a window of 512 keys (causal: the 512 up to
 // the row; not: 256 before and 255 after), its GFLOPs counted on the pairs it lets through.
+// attention/full_alibi/… and full_softcap/… are exact attention with ALiBi's biases or a soft
+// cap of 30, to compare with attention/full/… at the same n.
 // h:1 benchmarks (one sequence, one head) show whether the threads share a head's work;
 // decode/<policy>/ctx:<c>/h:1/d:64 times one new token against a c-token cache or state.
 // Counters: GFLOPs (the policy's own work per second; LSH: the work its buckets gave),
@@ -14,6 +16,7 @@
 
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "bench_common.hpp"
 
@@ -39,9 +42,9 @@ std::string bench_name(const char* kind, const char* policy, const Problem& p) {
 }
 
 template <class Policy, class Masking>
-void forward(benchmark::State& state, Problem p) {
+void forward_with(benchmark::State& state, Problem p, typename Policy::Config config) {
   Inputs in(p);
-  Runner<Policy, Masking> run(p);
+  Runner<Policy, Masking> run(p, std::move(config));
   run.forward(in, p);  // sizes the workspaces
   run.core.reset_peak();
   run.reset_work();
@@ -63,10 +66,15 @@ void forward(benchmark::State& state, Problem p) {
 }
 
 template <class Policy, class Masking>
-void train(benchmark::State& state, Problem p) {
+void forward(benchmark::State& state, Problem p) {
+  forward_with<Policy, Masking>(state, p, bench_config<Policy>(p));
+}
+
+template <class Policy, class Masking>
+void train_with(benchmark::State& state, Problem p, typename Policy::Config config) {
   Inputs in(p);
   Matrix<float> d_out = in.v, dq(in.q.rows(), in.q.cols()), dk = dq, dv = dq;
-  Runner<Policy, Masking> run(p);
+  Runner<Policy, Masking> run(p, std::move(config));
   run.forward(in, p, true);
   run.core.reset_peak();
   run.reset_work();
@@ -93,6 +101,11 @@ void train(benchmark::State& state, Problem p) {
   state.counters["saved_bytes"] = double(run.core.saved_bytes());
   state.counters["tasks"] = double(tasks);
   state.SetComplexityN(p.n);
+}
+
+template <class Policy, class Masking>
+void train(benchmark::State& state, Problem p) {
+  train_with<Policy, Masking>(state, p, bench_config<Policy>(p));
 }
 
 // One new token of one sequence against a cache (Full) or state (Favor) of `context` tokens:
@@ -162,6 +175,34 @@ void register_window(Index n, bool training) {
   }
 }
 
+// Full attention with a score modifier (ALiBi's default slopes, or a soft cap of 30 as Gemma 2's
+// attention): attention[_train]/full_<variant>/…, the work counted as full attention's.
+void register_scores(const char* variant, FullAttention<float>::Config config, Index n) {
+  using Full = FullAttention<float>;
+  for (const bool training : {false, true})
+    for (const bool causal : {false, true}) {
+      const Problem p{n, 8, 64, 1, causal};
+      const std::string policy = std::string("full_") + variant;
+      const std::string name =
+          bench_name(training ? "attention_train" : "attention", policy.c_str(), p);
+      benchmark::RegisterBenchmark(
+          name.c_str(),
+          [=](benchmark::State& state, Problem problem) {
+            if (training && causal)
+              train_with<Full, Causal>(state, problem, config);
+            else if (training)
+              train_with<Full, Bidirectional>(state, problem, config);
+            else if (causal)
+              forward_with<Full, Causal>(state, problem, config);
+            else
+              forward_with<Full, Bidirectional>(state, problem, config);
+          },
+          p)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+}
+
 template <template <class> class Policy>
 void register_policy(const char* name, Index max_n, Index max_train_n) {
   for (const bool causal : {false, true})
@@ -221,6 +262,8 @@ int main(int argc, char** argv) {
     register_window<512>(n, false);
     register_window<512>(n, true);
   }
+  register_scores("alibi", {.alibi = {.enabled = true}}, 4096);
+  register_scores("softcap", {.softcap = 30}, 4096);
   register_one_head<FullAttention>("full", 4096);
   register_one_head<Favor>("favor", 4096);
   register_one_head<LowRank>("lowrank", 4096);

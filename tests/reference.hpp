@@ -4,6 +4,7 @@
 
 #include <Eigen/Core>
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <map>
@@ -39,25 +40,49 @@ struct Mask {
   }
 };
 
-/// softmax(scale · q kᵀ) with masked entries removed; a row with no visible key is all 0.
-inline MatD probabilities(const MatD& q, const MatD& k, double scale, const Mask& mask) {
+/// Score modifiers, restated from their papers: the logit x = scale · q·k becomes
+/// cap·tanh(x / cap) (when cap > 0), then gets −slope·|p − j| added (ALiBi, when slope > 0), p
+/// the query's key position (i + causal_shift).
+struct Scores {
+  double slope = 0;
+  double cap = 0;
+  double logit(double x, Index p, Index j) const {
+    if (cap > 0) x = cap * std::tanh(x / cap);
+    return x - slope * double(std::abs(p - j));
+  }
+  /// d logit / d x.
+  double slope_of(double x) const {
+    if (cap == 0) return 1;
+    const double t = std::tanh(x / cap);
+    return 1 - t * t;
+  }
+};
+
+/// softmax of the (modified) scaled logits with masked entries removed; a row with no visible
+/// key is all 0.
+inline MatD probabilities(const MatD& q, const MatD& k, double scale, const Mask& mask,
+                          const Scores& scores = {}) {
   const Index n_q = q.rows(), n_k = k.rows();
   MatD p = MatD::Zero(n_q, n_k);
+  const auto logit = [&](Index i, Index j) {
+    return scores.logit(scale * q.row(i).dot(k.row(j)), i + mask.causal_shift, j);
+  };
   for (Index i = 0; i < n_q; ++i) {
     double max = -std::numeric_limits<double>::infinity();
     for (Index j = 0; j < n_k; ++j)
-      if (mask.visible(i, j, n_k)) max = std::max(max, scale * q.row(i).dot(k.row(j)));
+      if (mask.visible(i, j, n_k)) max = std::max(max, logit(i, j));
     if (max == -std::numeric_limits<double>::infinity()) continue;
     double sum = 0;
     for (Index j = 0; j < n_k; ++j)
-      if (mask.visible(i, j, n_k)) sum += p(i, j) = std::exp(scale * q.row(i).dot(k.row(j)) - max);
+      if (mask.visible(i, j, n_k)) sum += p(i, j) = std::exp(logit(i, j) - max);
     p.row(i) /= sum;
   }
   return p;
 }
 
-inline MatD attention(const MatD& q, const MatD& k, const MatD& v, double scale, const Mask& mask) {
-  return probabilities(q, k, scale, mask) * v;
+inline MatD attention(const MatD& q, const MatD& k, const MatD& v, double scale, const Mask& mask,
+                      const Scores& scores = {}) {
+  return probabilities(q, k, scale, mask, scores) * v;
 }
 
 struct AttentionGrads {
@@ -66,12 +91,16 @@ struct AttentionGrads {
 
 /// Analytic gradients of attention through the materialised probability matrix.
 inline AttentionGrads attention_backward(const MatD& q, const MatD& k, const MatD& v,
-                                         const MatD& d_out, double scale, const Mask& mask) {
-  const MatD p = probabilities(q, k, scale, mask);
+                                         const MatD& d_out, double scale, const Mask& mask,
+                                         const Scores& scores = {}) {
+  const MatD p = probabilities(q, k, scale, mask, scores);
   const MatD dp = d_out * v.transpose();
   MatD ds = p.cwiseProduct(dp);
   const VecD row = ds.rowwise().sum();
   ds -= p.cwiseProduct(row.replicate(1, p.cols()));
+  for (Index i = 0; i < ds.rows(); ++i)  // through the modifiers (ALiBi's bias has slope 1)
+    for (Index j = 0; j < ds.cols(); ++j)
+      ds(i, j) *= scores.slope_of(scale * q.row(i).dot(k.row(j)));
   return {scale * ds * k, scale * ds.transpose() * q, p.transpose() * d_out};
 }
 

@@ -51,12 +51,17 @@ void check_against_reference(const SequenceShape& shape, Index heads, Index d,
     for (Index h = 0; h < heads; ++h) {
       CAPTURE(b, h);
       const reference::Mask mask = mask_of<Masking>(shape.valid_length(b), 0);
+      reference::Scores scores{0, config.softcap};
+      if (config.alibi.enabled)
+        scores.slope =
+            config.alibi.slopes.empty() ? Alibi::default_slopes(heads)[h] : config.alibi.slopes[h];
       auto blk = [&](const Matrix<S>& m) -> MatD {
         return m.block(b * shape.seq, h * d, shape.seq, d).template cast<double>();
       };
       CHECK(reference::relative_error(
-                blk(out), reference::attention(blk(q), blk(k), blk(v), scale, mask)) < tol);
-      const auto g = reference::attention_backward(blk(q), blk(k), blk(v), blk(d_out), scale, mask);
+                blk(out), reference::attention(blk(q), blk(k), blk(v), scale, mask, scores)) < tol);
+      const auto g =
+          reference::attention_backward(blk(q), blk(k), blk(v), blk(d_out), scale, mask, scores);
       CHECK(reference::gradient_error(blk(dq), g.dq) < tol);
       CHECK(reference::gradient_error(blk(dk), g.dk) < tol);
       CHECK(reference::gradient_error(blk(dv), g.dv) < tol);
@@ -120,14 +125,55 @@ TEST_CASE("AttentionCore rejects mismatched inputs", "[core_attention][errors]")
   CHECK_FALSE(core.has_saved());
 }
 
+TEMPLATE_TEST_CASE("ALiBi and soft-capping equal the reference, forward and backward",
+                   "[core_attention][scores]", float, double) {
+  using S = TestType;
+  using Config = typename FullAttention<S>::Config;
+  // A cap of 1.5 bends most logits (d = 8: scaled logits of spread about 1); slopes of the
+  // paper (two heads: 1/16, 1/256) and steep ones; small tiles and the defaults.
+  const Config alibi{.alibi = {.enabled = true}};
+  const Config steep{.query_tile = 24, .key_tile = 32, .alibi = {true, {0.5, 0.25}}};
+  const Config capped{.query_tile = 24, .key_tile = 32, .softcap = 1.5};
+  const Config both{.alibi = {true, {0.3, 0.05}}, .softcap = 1.5};
+  for (const SequenceShape& shape :
+       {SequenceShape{1, 300, {}}, SequenceShape{3, 130, {130, 77, 5}}}) {
+    CAPTURE(shape.batch);
+    for (const Config& config : {alibi, steep, capped, both}) {
+      CAPTURE(config.softcap, config.alibi.enabled);
+      check_against_reference<Bidirectional, S>(shape, 2, 8, config);
+      check_against_reference<Causal, S>(shape, 2, 8, config);
+      check_against_reference<CausalWindow<37>, S>(shape, 2, 8, config);
+      check_against_reference<SlidingWindow<64>, S>(shape, 2, 8, config);
+    }
+  }
+}
+
+TEST_CASE("ALiBi's default slopes are the paper's, and bad modifiers are refused", "[scores]") {
+  const auto eight = Alibi::default_slopes(8);
+  REQUIRE(eight.size() == 8);
+  for (std::size_t k = 0; k < 8; ++k)
+    CHECK(eight[k] == std::pow(2.0, -double(k + 1)));
+  // Not a power of two: 4's slopes, then every other one of 8's.
+  const auto six = Alibi::default_slopes(6);
+  REQUIRE(six.size() == 6);
+  CHECK(six[3] == std::pow(2.0, -8.0));
+  CHECK(six[4] == std::pow(2.0, -1.0));
+  CHECK(six[5] == std::pow(2.0, -3.0));
+  CHECK_THROWS_AS(FullAttention<float>({.softcap = -1}, HeadLayout{2, 8, 8, 0}), Error);
+  CHECK_THROWS_AS(FullAttention<float>({.alibi = {true, {0.5}}}, HeadLayout{2, 8, 8, 0}), Error);
+  CHECK_THROWS_AS(FullAttention<float>({.alibi = {true, {0.5, -1.0}}}, HeadLayout{2, 8, 8, 0}),
+                  Error);
+}
+
 namespace {
 
 // Decodes n tokens, the first `first` in one call and the rest one at a time, with a block of
 // CausalWindow<W>, and checks them against its forward; returns the largest cache it held.
 template <Index W, class S>
-Index check_windowed_decoding(Index n, Index first, Index heads, Index expected_tasks) {
+Index check_windowed_decoding(Index n, Index first, Index heads, Index expected_tasks,
+                              typename FullAttention<S>::Config config = {}) {
   const Index d = 8;
-  AttentionCore<FullAttention<S>, CausalWindow<W>> core({}, HeadLayout{heads, d, d, 0});
+  AttentionCore<FullAttention<S>, CausalWindow<W>> core(config, HeadLayout{heads, d, d, 0});
   Matrix<S> q(n, heads * d), k(n, heads * d), v(n, heads * d), out(n, heads * d);
   CounterRng(1).fill_normal(q);
   CounterRng(2).fill_normal(k);
@@ -152,7 +198,8 @@ Index check_windowed_decoding(Index n, Index first, Index heads, Index expected_
   const MatD expected = reference::attention(
       q.block(0, 0, n, d).template cast<double>(), k.block(0, 0, n, d).template cast<double>(),
       v.block(0, 0, n, d).template cast<double>(), 1.0 / std::sqrt(double(d)),
-      mask_of<CausalWindow<W>>(n, 0));
+      mask_of<CausalWindow<W>>(n, 0),
+      reference::Scores{config.alibi.enabled ? config.alibi.slopes[0] : 0.0, config.softcap});
   CHECK(reference::relative_error(decoded.block(n - 10, 0, 10, d).template cast<double>(),
                                   expected.bottomRows(10)) < tol);
   return largest;
@@ -168,4 +215,7 @@ TEMPLATE_TEST_CASE("A causal window decodes token by token as its forward comput
   // 2190 tokens in one call (the forward's kernel), then one at a time: the cache drops the
   // keys before the window and keeps 2100, two decode blocks of 2048 keys.
   check_windowed_decoding<2100, S>(2200, 2190, 2, 2 * 2);
+  // With ALiBi and a soft cap, in the forward's kernel and in the cache blocks.
+  check_windowed_decoding<2100, S>(2200, 2190, 2, 2 * 2,
+                                   {.alibi = {true, {0.01, 0.02}}, .softcap = 1.5});
 }

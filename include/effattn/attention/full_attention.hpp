@@ -8,10 +8,12 @@
 #include <optional>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "effattn/attention/attention_policy.hpp"
 #include "effattn/attention/full_attention/packed_backward.hpp"
 #include "effattn/attention/full_attention/packed_forward.hpp"
+#include "effattn/attention/full_attention/score_mods.hpp"
 #include "effattn/attention/head_context.hpp"
 #include "effattn/attention/head_layout.hpp"
 #include "effattn/core/error.hpp"
@@ -55,6 +57,11 @@ class FullAttention {
     Index query_tile = 0;           ///< query rows per tile; 0: automatic
     Index key_tile = 0;             ///< key rows per tile; 0: automatic
     std::optional<double> scale{};  ///< logit scale; default 1/√d_k
+    /// ALiBi's linear position biases (off by default; see Alibi).
+    Alibi alibi{};
+    /// Logit soft-capping (Gemma 2): each scaled logit x becomes softcap·tanh(x / softcap)
+    /// before ALiBi's bias is added; 0: none.
+    double softcap = 0;
   };
 
   /// Row log-sum-exp of the scaled, masked logits (+∞ for rows that see no key).
@@ -72,6 +79,25 @@ class FullAttention {
     detail::require(!config_.scale || (std::isfinite(*config_.scale) && *config_.scale > 0),
                     "FullAttention", "scale", config_.scale.value_or(0.0),
                     "a finite positive number (or none for 1/sqrt(d_k))");
+    detail::require(std::isfinite(config_.softcap) && config_.softcap >= 0, "FullAttention",
+                    "softcap", config_.softcap, "a finite cap > 0, or 0 for none");
+    if (config_.alibi.enabled) {
+      const auto& given = config_.alibi.slopes;
+      detail::require(
+          given.empty() || Index(given.size()) == layout_.heads, "FullAttention", "alibi.slopes",
+          detail::concat(given.size(), " slopes"),
+          detail::concat("one per head (", layout_.heads, "), or none for the default"));
+      for (const double slope : given)
+        detail::require(std::isfinite(slope) && slope > 0, "FullAttention", "alibi.slopes", slope,
+                        "finite positive slopes");
+      slopes_ = given.empty() ? Alibi::default_slopes(layout_.heads) : given;
+    }
+  }
+
+  /// The score modifiers of head h (ALiBi's slope, the soft cap).
+  detail::full::ScoreMods<S> score_mods(Index head) const {
+    return {slopes_.empty() ? S(0) : S(slopes_[static_cast<std::size_t>(head)]),
+            S(config_.softcap)};
   }
 
   const Config& config() const { return config_; }
@@ -165,7 +191,7 @@ class FullAttention {
     const std::size_t fwd =
         W::bytes_for<S>(br * d_k) + W::bytes_for<S>(br * bc) + 3 * W::bytes_for<S>(br);
     const std::size_t bwd =
-        W::bytes_for<S>(n_q * d_k) + W::bytes_for<S>(n_q) + 2 * W::bytes_for<S>(br * bc);
+        W::bytes_for<S>(n_q * d_k) + W::bytes_for<S>(n_q) + 3 * W::bytes_for<S>(br * bc);
     if constexpr (packed)
       return std::max(
           detail::full::packed_forward_bytes(n_q, n_k, d_k, d_v, packed_tiles()),
@@ -261,6 +287,7 @@ class FullAttention {
     S* lse = ws.take<S>(m);
     S* logits = ws.take<S>(cols);
     const S s = scale(q.cols());
+    const auto mods = score_mods(head);
     const auto kb = st.k.middleRows(j0, cols);
     const auto vb = st.v.middleRows(j0, cols);
     // A few queries read the block's keys and values in place, once (a product with a vector
@@ -274,6 +301,7 @@ class FullAttention {
       }
       Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, 1>> p(logits, seen);
       p.noalias() = s * (kb.middleRows(from, seen) * q.row(i).transpose());
+      if (mods.active()) mods.apply(logits, seen, ctx.position(i), from);
       const S top = detail::max_of(logits, seen);
       const S sum = detail::exp_shifted_sum(logits, seen, top);
       o.row(i).noalias() = p.transpose() * vb.middleRows(from, seen);
@@ -305,9 +333,10 @@ class FullAttention {
     if constexpr (packed) {
       detail::full::packed_forward(q, k, v, out,
                                    saved ? saved->lse.data() + ctx.query_offset : nullptr,
-                                   scale(q.cols()), ctx, packed_tiles(), ws);
+                                   scale(q.cols()), ctx, packed_tiles(), ws, score_mods(ctx.head));
       return;
     }
+    const auto mods = score_mods(ctx.head);
     const Index n_q = q.rows(), d_k = q.cols();
     const auto [br, bc] = tiles(d_k, v.cols());
     const S s = scale(d_k);
@@ -336,6 +365,7 @@ class FullAttention {
         p.noalias() = qs * k.middleRows(j0, cols).transpose();
         const bool masked = tile.masks(j0, cols);
         if (masked) mask_tile(p, ctx, i0, j0);
+        if (mods.active()) modify_tile(p, mods, ctx, i0, j0);
         detail::online_softmax_step(p, m, sum, rescale);
         if (j0 > tile.key_start)
           o.array().colwise() *= Eigen::Map<const Eigen::Array<S, -1, 1>>(rescale, rows);
@@ -384,9 +414,9 @@ class FullAttention {
                       const HeadContext& ctx, Workspace& ws, Merge&& merge,
                       S* /*shared: none*/) const {
     if constexpr (packed) {
-      detail::full::packed_backward_block(block, q, k, v, out, d_out,
-                                          saved.lse.data() + ctx.query_offset, d_q, d_k, d_v,
-                                          scale(q.cols()), ctx, packed_backward_tiles(), ws, merge);
+      detail::full::packed_backward_block(
+          block, q, k, v, out, d_out, saved.lse.data() + ctx.query_offset, d_q, d_k, d_v,
+          scale(q.cols()), ctx, packed_backward_tiles(), ws, merge, score_mods(ctx.head));
       return;
     }
     merge([&] { eigen_backward(q, k, v, out, d_out, saved, d_q, d_k, d_v, ctx, ws); });
@@ -408,6 +438,8 @@ class FullAttention {
       delta[r] = d_out.row(r).dot(out.row(r));
     auto p_buf = ws.matrix<S>(std::min(br, n_q), std::min(bc, n_k));
     auto dp_buf = ws.matrix<S>(std::min(br, n_q), std::min(bc, n_k));
+    const auto mods = score_mods(ctx.head);
+    auto slope_buf = ws.matrix<S>(std::min(br, n_q), std::min(bc, n_k));
     d_q.setZero();
     d_k.setZero();
     d_v.setZero();
@@ -428,6 +460,8 @@ class FullAttention {
         auto dp = dp_buf.topLeftCorner(rows, cols);
         p.noalias() = qs.middleRows(i0, rows) * kj.transpose();
         if (tile.masks(j0, cols)) mask_tile(p, ctx, i0, j0);
+        auto cap_slope = slope_buf.topLeftCorner(rows, cols);
+        if (mods.active()) modify_tile(p, mods, ctx, i0, j0, &cap_slope);
         for (Index r = 0; r < rows; ++r)
           detail::exp_shifted_sum(&p(r, 0), cols, lse[i0 + r]);
         const auto d_oi = d_out.middleRows(i0, rows);
@@ -435,6 +469,7 @@ class FullAttention {
         dp.noalias() = d_oi * vj.transpose();
         for (Index r = 0; r < rows; ++r)
           dp.row(r) = (p.row(r).array() * (dp.row(r).array() - delta[i0 + r])).matrix();
+        if (mods.cap != S(0)) dp.array() *= cap_slope.array();  // through the soft cap
         detail::sliced_product<true>(d_q.middleRows(i0, rows), dp, kj);
         detail::sliced_product<true>(dkj, dp.transpose(), qs.middleRows(i0, rows));
       }
@@ -463,6 +498,21 @@ class FullAttention {
     return {std::clamp<Index>(ctx.key_begin(i) - j0, 0, to), to};
   }
 
+  /// The score modifiers on the keys each row of the tile at (i0, j0) sees; with `cap_slope`,
+  /// the soft cap's derivative there (0 where the row sees nothing).
+  template <class Tile, class Slope = Tile>
+  static void modify_tile(Tile& p, const detail::full::ScoreMods<S>& mods, const HeadContext& ctx,
+                          Index i0, Index j0, Slope* cap_slope = nullptr) {
+    const Index cols = p.cols();
+    if (cap_slope) cap_slope->setZero();
+    for (Index r = 0; r < p.rows(); ++r) {
+      const auto [from, to] = visible_in_tile(ctx, i0 + r, j0, cols);
+      if (to == from) continue;
+      mods.apply(&p(r, from), to - from, ctx.position(i0 + r), j0 + from,
+                 cap_slope ? &(*cap_slope)(r, from) : nullptr);
+    }
+  }
+
   template <class Tile>
   static void mask_tile(Tile& p, const HeadContext& ctx, Index i0, Index j0) {
     const Index cols = p.cols();
@@ -476,6 +526,7 @@ class FullAttention {
   Config config_;
   HeadLayout layout_;
   KeyWindow window_{};
+  std::vector<double> slopes_;  ///< ALiBi's, one per head; empty: no ALiBi
 };
 
 static_assert(AttentionPolicy<FullAttention<float>>);

@@ -106,7 +106,13 @@ struct ShardedPolicy : InnerPolicy {
 
 template <class S>
 struct SequenceParallel<FullAttention<S>> : ShardedPolicy<FullAttention<S>> {
-  using ShardedPolicy<FullAttention<S>>::ShardedPolicy;
+  using Base = ShardedPolicy<FullAttention<S>>;
+  SequenceParallel(const typename Base::Config& config, HeadLayout layout) : Base(config, layout) {
+    effattn::detail::require(!config.policy.alibi.enabled && config.policy.softcap == 0,
+                             "mpi::SequenceParallel<FullAttention>", "policy",
+                             "ALiBi or soft-capping",
+                             "neither: ring attention does not run score modifiers yet");
+  }
   static constexpr const char* name = "full (ring, sequence-parallel)";
   template <class Masking>
   using Engine = RingAttention<S, Masking>;

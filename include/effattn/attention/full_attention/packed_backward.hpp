@@ -48,7 +48,7 @@ inline std::size_t packed_backward_bytes(Index n_q, Index n_k, Index d_k, Index 
          W::bytes_for<float>(dk_pad * bc) +             // k in column panels
          2 * W::bytes_for<float>(n_q * dk_pad) +        // the block's parts of dq
          W::bytes_for<float>(bc * (dk_pad + dv_pad)) +  // one tile's dk and dv
-         2 * W::bytes_for<float>(br * bc) +             // P and dS
+         3 * W::bytes_for<float>(br * bc) +             // P, dS and the soft cap's slope
          W::bytes_for<float>(n_q);                      // D = rowsum(dO ∘ O)
 }
 
@@ -69,7 +69,8 @@ template <class Merge>
 void packed_backward_block(Index block, ConstView<float> q, ConstView<float> k, ConstView<float> v,
                            ConstView<float> out, ConstView<float> d_out, const float* lse,
                            View<float> d_q, View<float> d_k, View<float> d_v, float scale,
-                           const HeadContext& ctx, PackedTiles t, Workspace& ws, Merge&& merge) {
+                           const HeadContext& ctx, PackedTiles t, Workspace& ws, Merge&& merge,
+                           const ScoreMods<float>& mods = {}) {
   constexpr Index panel = kernel::panel;
   const Index n_q = q.rows(), n_k = k.rows(), dk = q.cols(), dv = v.cols();
   const Index dk_pad = kernel::padded(dk), dv_pad = kernel::padded(dv);
@@ -133,6 +134,8 @@ void packed_backward_block(Index block, ConstView<float> q, ConstView<float> k, 
   float* dv_tile = ws.take<float>(bc * dv_pad);
   float* p = ws.take<float>(br * bc);
   float* ds = ws.take<float>(br * bc);
+  const bool modified = mods.active(), capped = mods.cap != 0.0f;
+  float* slope = capped ? ws.take<float>(br * bc) : nullptr;  // d(modified logit)/d(logit)
   float* delta = ws.take<float>(std::max(seen(0), seen(1)));
   if (dq) std::fill(dq, dq + dq_rows * dk_pad, 0.0f);
   const Index ld_out = d_out.outerStride();
@@ -164,7 +167,9 @@ void packed_backward_block(Index block, ConstView<float> q, ConstView<float> k, 
                    panel * dk, p, bc);
       for (Index r = 0; r < rows; ++r) {
         float* row = p + r * bc;
+        float* d_mod = capped ? slope + r * bc : nullptr;
         if (!masked) {
+          if (modified) mods.apply(row, cols, ctx.position(i0 + r), j0, d_mod);
           exp_shifted_sum(row, cols, lse[i0 + r]);  // +∞ for a row that sees nothing: all 0
           continue;
         }
@@ -173,6 +178,13 @@ void packed_backward_block(Index block, ConstView<float> q, ConstView<float> k, 
         const Index begin = std::clamp<Index>(ctx.key_begin(i0 + r) - j0, 0, end);
         std::fill(row, row + begin, 0.0f);
         std::fill(row + end, row + cols, 0.0f);
+        if (capped) {
+          std::fill(d_mod, d_mod + begin, 0.0f);
+          std::fill(d_mod + end, d_mod + cols, 0.0f);
+        }
+        if (modified)
+          mods.apply(row + begin, end - begin, ctx.position(i0 + r), j0 + begin,
+                     capped ? d_mod + begin : nullptr);
         exp_shifted_sum(row + begin, end - begin, lse[i0 + r]);
       }
       // dV_j += Pᵀ dO_i
@@ -189,6 +201,11 @@ void packed_backward_block(Index block, ConstView<float> q, ConstView<float> k, 
           simd::store(dr + c, simd::load(pr + c) * (simd::load(dr + c) - d));
         for (; c < cols; ++c)
           dr[c] = pr[c] * (dr[c] - d);
+        if (capped) {  // through the cap: dS ∘ (1 − tanh²)
+          const float* sr = slope + r * bc;
+          for (c = 0; c < cols; ++c)
+            dr[c] *= sr[c];
+        }
       }
       // dQ_i += dS K_j and dK_j += dSᵀ Q_i (both scaled by s at the end)
       kernel::gemm(rows, dk, cols, {ds, bc}, kp, panel * cols, dq_part + at * dk_pad, dk_pad,

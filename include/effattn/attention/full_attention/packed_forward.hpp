@@ -6,6 +6,7 @@
 #include <limits>
 #include <utility>
 
+#include "effattn/attention/full_attention/score_mods.hpp"
 #include "effattn/attention/head_context.hpp"
 #include "effattn/core/finite.hpp"
 #include "effattn/core/micro_kernel.hpp"
@@ -40,9 +41,10 @@ inline std::size_t packed_forward_bytes(Index n_q, Index n_k, Index d_k, Index d
 /// exp) and O = rescale·O + P·V on the micro-kernel with the rescale folded into its store.
 /// The keys query row i sees are [ctx.key_begin(i), ctx.key_end(i)) (HeadContext); key tiles no
 /// row of a query tile sees are skipped, so a window of W keys costs n·W.
+/// `mods` modify the scaled logits a row sees (ALiBi, soft-capping) before the softmax.
 inline void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<float> v,
                            View<float> out, float* lse, float scale, const HeadContext& ctx,
-                           PackedTiles t, Workspace& ws) {
+                           PackedTiles t, Workspace& ws, const ScoreMods<float>& mods = {}) {
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   const Index n_q = q.rows(), d_k = q.cols(), d_v = v.cols(), keys = ctx.key_length;
   const Index dv_pad = kernel::padded(d_v), n_pad = std::max<Index>(keys, 1);
@@ -55,6 +57,7 @@ inline void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<flo
   // when some value is not finite, masked tiles multiply each row by its visible keys only,
   // so that no output depends on a key it does not see (a later token, in causal attention).
   const bool exact_mask = !all_finite(v.topRows(keys));
+  const bool modified = mods.active();
   const Index br = std::min(t.query, n_q),
               bc = kernel::padded(std::min(t.key, std::max<Index>(keys, 1)));
   float* qs = ws.take<float>(br * d_k);
@@ -91,6 +94,7 @@ inline void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<flo
       for (Index r = 0; r < rows; ++r) {
         float* row = p + r * bc;
         if (!masked) {
+          if (modified) mods.apply(row, cols, ctx.position(i0 + r), j0);
           alpha[r] = online_softmax_row(row, cols, m[r], l[r]);
           continue;
         }
@@ -98,6 +102,7 @@ inline void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<flo
         const auto [from, to] = visible(r, j0, cols);
         std::fill(row, row + from, 0.0f);
         std::fill(row + to, row + cols, 0.0f);
+        if (modified) mods.apply(row + from, to - from, ctx.position(i0 + r), j0 + from);
         alpha[r] = online_softmax_row(row + from, to - from, m[r], l[r]);
       }
       if (masked && exact_mask) {
