@@ -7,7 +7,6 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "effattn/attention/attention_policy.hpp"
@@ -371,7 +370,7 @@ class FullAttention {
           o.array().colwise() *= Eigen::Map<const Eigen::Array<S, -1, 1>>(rescale, rows);
         if (exact_mask && masked) {
           for (Index r = 0; r < rows; ++r) {
-            const auto [from, to] = visible_in_tile(ctx, i0 + r, j0, cols);
+            const auto [from, to] = ctx.columns_seen(i0 + r, j0, cols);
             o.row(r).noalias() +=
                 p.row(r).segment(from, to - from) * v.middleRows(j0 + from, to - from);
           }
@@ -491,13 +490,6 @@ class FullAttention {
     return {ctx.key_begin(i0), ctx.key_end(last), ctx.key_begin(last), ctx.key_end(i0)};
   }
 
-  /// The columns [from, to) of the key tile at j0 (cols wide) that row i sees.
-  static std::pair<Index, Index> visible_in_tile(const HeadContext& ctx, Index i, Index j0,
-                                                 Index cols) {
-    const Index to = std::clamp<Index>(ctx.key_end(i) - j0, 0, cols);
-    return {std::clamp<Index>(ctx.key_begin(i) - j0, 0, to), to};
-  }
-
   /// The score modifiers on the keys each row of the tile at (i0, j0) sees; with `cap_slope`,
   /// the soft cap's derivative there (0 where the row sees nothing).
   template <class Tile, class Slope = Tile>
@@ -506,7 +498,7 @@ class FullAttention {
     const Index cols = p.cols();
     if (cap_slope) cap_slope->setZero();
     for (Index r = 0; r < p.rows(); ++r) {
-      const auto [from, to] = visible_in_tile(ctx, i0 + r, j0, cols);
+      const auto [from, to] = ctx.columns_seen(i0 + r, j0, cols);
       if (to == from) continue;
       mods.apply(&p(r, from), to - from, ctx.position(i0 + r), j0 + from,
                  cap_slope ? &(*cap_slope)(r, from) : nullptr);
@@ -517,7 +509,7 @@ class FullAttention {
   static void mask_tile(Tile& p, const HeadContext& ctx, Index i0, Index j0) {
     const Index cols = p.cols();
     for (Index r = 0; r < p.rows(); ++r) {
-      const auto [from, to] = visible_in_tile(ctx, i0 + r, j0, cols);
+      const auto [from, to] = ctx.columns_seen(i0 + r, j0, cols);
       p.row(r).head(from).setConstant(-std::numeric_limits<S>::infinity());
       p.row(r).tail(cols - to).setConstant(-std::numeric_limits<S>::infinity());
     }

@@ -46,6 +46,14 @@ struct HeadContext {
     if (window.before == KeyWindow::none) return 0;
     return std::clamp<Index>(position(i) - window.before, 0, key_end(i));
   }
+  /// The columns [from, to) of the key tile [j0, j0 + cols) that row `i` sees.
+  struct Columns {
+    Index from, to;
+  };
+  Columns columns_seen(Index i, Index j0, Index cols) const {
+    const Index to = std::clamp<Index>(key_end(i) - j0, 0, cols);
+    return {std::clamp<Index>(key_begin(i) - j0, 0, to), to};
+  }
   /// Whether some row may miss keys at the start of the sequence (a window).
   bool windowed() const { return window.before != KeyWindow::none; }
 };

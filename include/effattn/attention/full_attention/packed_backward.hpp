@@ -174,8 +174,7 @@ void packed_backward_block(Index block, ConstView<float> q, ConstView<float> k, 
           continue;
         }
         // The keys the row does not see get probability 0.
-        const Index end = std::clamp<Index>(ctx.key_end(i0 + r) - j0, 0, cols);
-        const Index begin = std::clamp<Index>(ctx.key_begin(i0 + r) - j0, 0, end);
+        const auto [begin, end] = ctx.columns_seen(i0 + r, j0, cols);
         std::fill(row, row + begin, 0.0f);
         std::fill(row + end, row + cols, 0.0f);
         if (capped) {

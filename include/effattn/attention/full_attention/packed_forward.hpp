@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <limits>
-#include <utility>
 
 #include "effattn/attention/full_attention/score_mods.hpp"
 #include "effattn/attention/head_context.hpp"
@@ -83,10 +82,6 @@ inline void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<flo
     const Index key_stop = ctx.key_end(last), all_stop = ctx.key_end(i0);
     const Index all_start = ctx.key_begin(last);
     const Index key_start = ctx.key_begin(i0) / kernel::panel * kernel::panel;
-    const auto visible = [&](Index r, Index j0, Index cols) {  // row i0 + r's columns of a tile
-      const Index to = std::clamp<Index>(ctx.key_end(i0 + r) - j0, 0, cols);
-      return std::pair{std::clamp<Index>(ctx.key_begin(i0 + r) - j0, 0, to), to};
-    };
     for (Index j0 = key_start; j0 < key_stop; j0 += bc) {
       const Index cols = std::min(bc, key_stop - j0);
       kernel::gemm(rows, cols, d_k, {qs, d_k}, kp + j0 * d_k, kernel::panel * d_k, p, bc);
@@ -99,7 +94,7 @@ inline void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<flo
           continue;
         }
         // The keys the row does not see get probability 0; the softmax runs on the rest.
-        const auto [from, to] = visible(r, j0, cols);
+        const auto [from, to] = ctx.columns_seen(i0 + r, j0, cols);
         std::fill(row, row + from, 0.0f);
         std::fill(row + to, row + cols, 0.0f);
         if (modified) mods.apply(row + from, to - from, ctx.position(i0 + r), j0 + from);
@@ -107,7 +102,7 @@ inline void packed_forward(ConstView<float> q, ConstView<float> k, ConstView<flo
       }
       if (masked && exact_mask) {
         for (Index r = 0; r < rows; ++r) {
-          const auto [from, to] = visible(r, j0, cols);
+          const auto [from, to] = ctx.columns_seen(i0 + r, j0, cols);
           kernel::gemm(1, d_v, to - from, {p + r * bc + from, bc}, vp + (j0 + from) * kernel::panel,
                        kernel::panel * n_pad, o + r * dv_pad, dv_pad, kernel::Update::rescale,
                        alpha + r);
