@@ -8,7 +8,9 @@
 // attention/full_alibi/… and full_softcap/… are exact attention with ALiBi's biases or a soft
 // cap of 30, to compare with attention/full/… at the same n.
 // h:1 benchmarks (one sequence, one head) show whether the threads share a head's work;
-// decode/<policy>/ctx:<c>/h:1/d:64 times one new token against a c-token cache or state.
+// decode/<policy>/ctx:<c>/h:1/d:64 times one new token against a c-token cache or state;
+// decode/full/ctx:16384/h:8/kv:<g>/d:64 with 8 query heads over g key/value heads (GQA; g = 8:
+// every head its own, g = 1: MQA), cache_bytes its cache.
 // Counters: GFLOPs (the policy's own work per second; LSH: the work its buckets gave),
 // tokens_per_s, scratch_bytes (peak workspace of all threads), saved_bytes (what forward keeps for
 // backward), tasks (what the call's largest stage handed to the threads: problems × blocks).
@@ -109,14 +111,18 @@ void train(benchmark::State& state, Problem p) {
 }
 
 // One new token of one sequence against a cache (Full) or state (Favor) of `context` tokens:
-// decode/<policy>/ctx:<context>/h:<heads>/d:<d>.
+// decode/<policy>/ctx:<context>/h:<heads>[/kv:<kv heads>]/d:<d>; kv_heads 0: heads.
 template <class Policy>
-void decode(benchmark::State& state, Problem p) {
+void decode(benchmark::State& state, Problem p, Index kv_heads) {
   const Index context = p.n, width = p.heads * p.d;
-  AttentionCore<Policy, Causal> core(bench_config<Policy>(p), HeadLayout{p.heads, p.d, p.d, 1});
+  const Index kv_width = (kv_heads == 0 ? p.heads : kv_heads) * p.d;
+  AttentionCore<Policy, Causal> core(bench_config<Policy>(p),
+                                     HeadLayout{p.heads, p.d, p.d, 1, kv_heads});
   auto decoder = core.start_decoding(1);
-  Matrix<float> prefix(context, width), q(1, width), k(1, width), v(1, width), out(1, width);
+  Matrix<float> prefix(context, width), prefix_kv(context, kv_width), q(1, width),
+      k(1, kv_width), v(1, kv_width), out(1, width);
   CounterRng(1, 0).fill_normal(prefix);
+  CounterRng(1, 4).fill_normal(prefix_kv);
   CounterRng(1, 1).fill_normal(q);
   CounterRng(1, 2).fill_normal(k);
   CounterRng(1, 3).fill_normal(v);
@@ -124,10 +130,10 @@ void decode(benchmark::State& state, Problem p) {
   // The context less the new token, in two parts, so that the cache has room for the new token
   // (it grows by doubling) and no iteration times a reallocation.
   const Index half = context / 2, rest = context - 1 - half;
-  core.decode(prefix.topRows(half), prefix.topRows(half), prefix.topRows(half),
+  core.decode(prefix.topRows(half), prefix_kv.topRows(half), prefix_kv.topRows(half),
               prefix_out.topRows(half), decoder);
-  core.decode(prefix.middleRows(half, rest), prefix.middleRows(half, rest),
-              prefix.middleRows(half, rest), prefix_out.middleRows(half, rest), decoder);
+  core.decode(prefix.middleRows(half, rest), prefix_kv.middleRows(half, rest),
+              prefix_kv.middleRows(half, rest), prefix_out.middleRows(half, rest), decoder);
   for (auto _ : state) {
     core.decode(q, k, v, out, decoder);
     benchmark::DoNotOptimize(out.data());
@@ -144,6 +150,7 @@ void decode(benchmark::State& state, Problem p) {
   state.counters["tokens_per_s"] =
       benchmark::Counter(double(state.iterations()), benchmark::Counter::kIsRate);
   state.counters["scratch_bytes"] = double(core.scratch_peak_bytes());
+  state.counters["cache_bytes"] = double(decoder.bytes());
 }
 
 // Registers attention/<policy>/… (forward) or attention_train/<policy>/… for one problem.
@@ -226,11 +233,12 @@ void register_one_head(const char* name, Index n) {
 }
 
 template <class Policy>
-void register_decode(const char* name, Index context) {
-  const Problem p{context, 1, 64, 1, true};
-  const std::string full =
-      std::string("decode/") + name + "/ctx:" + std::to_string(context) + "/h:1/d:64";
-  benchmark::RegisterBenchmark(full.c_str(), decode<Policy>, p)
+void register_decode(const char* name, Index context, Index heads = 1, Index kv_heads = 0) {
+  const Problem p{context, heads, 64, 1, true};
+  std::string full = std::string("decode/") + name + "/ctx:" + std::to_string(context) +
+                     "/h:" + std::to_string(heads);
+  if (kv_heads > 0) full += "/kv:" + std::to_string(kv_heads);
+  benchmark::RegisterBenchmark((full + "/d:64").c_str(), decode<Policy>, p, kv_heads)
       ->UseRealTime()
       ->Unit(benchmark::kMicrosecond);
 }
@@ -269,6 +277,9 @@ int main(int argc, char** argv) {
   register_one_head<LowRank>("lowrank", 4096);
   register_one_head<LSHAttention>("lsh", 4096);
   register_decode<FullAttention<float>>("full", 16384);
+  // Grouped key/value heads: 8 query heads over 8 (each its own), 2 and 1 (MQA) caches.
+  for (const Index kv : {8, 2, 1})
+    register_decode<FullAttention<float>>("full", 16384, 8, kv);
   register_decode<Favor<float>>("favor", 16384);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

@@ -121,9 +121,9 @@ struct Runner {
   double flops(const Problem& p, double calls) const {
     if constexpr (requires { core.policy().work(); })
       return core.policy().work().flops(p.d, p.d);
-    else if constexpr (Masking::window > 0)  // 4·d per visible (query, key) pair
+    else if constexpr (Masking::windowed)  // 4·d per visible (query, key) pair
       return calls * 4.0 * double(p.d) * double(p.heads) * double(p.batch) *
-             window_pairs(p.n, KeyWindow::of<Masking>());
+             window_pairs(p.n, Masking::keys());
     else
       return calls * policy_flops<Policy>(p);
   }

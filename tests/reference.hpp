@@ -143,9 +143,26 @@ struct MhaWeights {
   VecD b_q, b_k, b_v, b_o;  // empty when the block has no bias
 };
 
+// RoPE from its definition: in each head, column i < dims/2 and column i + dims/2 of the row of
+// the token at position p turn by the angle p·base^(−2i/dims) (self-attention: position = row).
+inline void rotate_positions(MatD& m, Index heads, Index d, Index seq, double base, Index dims) {
+  for (Index r = 0; r < m.rows(); ++r)
+    for (Index h = 0; h < heads; ++h)
+      for (Index i = 0; i < dims / 2; ++i) {
+        const double angle = double(r % seq) * std::pow(base, -2.0 * double(i) / double(dims));
+        const double a = m(r, h * d + i), b = m(r, h * d + i + dims / 2);
+        m(r, h * d + i) = a * std::cos(angle) - b * std::sin(angle);
+        m(r, h * d + i + dims / 2) = a * std::sin(angle) + b * std::cos(angle);
+      }
+}
+
+// rotary_base > 0: queries and keys rotated (rotary_dims columns of each head, 0: all).
+// kv_heads: key/value heads shared by groups of query heads (0: heads).
 inline MatD multi_head_attention(const MatD& x, const MatD& context, const MhaWeights& w,
                                  Index heads, Index d_k, Index d_v, const SequenceShape& q_shape,
-                                 const SequenceShape& kv_shape, bool causal, double scale) {
+                                 const SequenceShape& kv_shape, bool causal, double scale,
+                                 double rotary_base = 0, Index rotary_dims = 0,
+                                 Index kv_heads = 0) {
   auto project = [](const MatD& in, const MatD& weight, const VecD& bias) {
     MatD out = in * weight;
     if (bias.size() > 0) out.rowwise() += bias.transpose();
@@ -153,6 +170,12 @@ inline MatD multi_head_attention(const MatD& x, const MatD& context, const MhaWe
   };
   MatD q = project(x, w.w_q, w.b_q), k = project(context, w.w_k, w.b_k),
        v = project(context, w.w_v, w.b_v);
+  const Index group = heads / (kv_heads == 0 ? heads : kv_heads);
+  if (rotary_base > 0) {
+    const Index dims = rotary_dims == 0 ? d_k : rotary_dims;
+    rotate_positions(q, heads, d_k, q_shape.seq, rotary_base, dims);
+    rotate_positions(k, heads / group, d_k, kv_shape.seq, rotary_base, dims);
+  }
   // Padded rows attend and are attended to as zeros (core/sequence_shape.hpp).
   q_shape.zero_padding(q);
   kv_shape.zero_padding(k);
@@ -162,9 +185,9 @@ inline MatD multi_head_attention(const MatD& x, const MatD& context, const MhaWe
   for (Index b = 0; b < q_shape.batch; ++b)
     for (Index h = 0; h < heads; ++h) {
       const Mask mask{causal, kv_shape.valid_length(b), n_k - n_q};
-      merged.block(b * n_q, h * d_v, n_q, d_v) =
-          attention(q.block(b * n_q, h * d_k, n_q, d_k), k.block(b * n_k, h * d_k, n_k, d_k),
-                    v.block(b * n_k, h * d_v, n_k, d_v), scale, mask);
+      merged.block(b * n_q, h * d_v, n_q, d_v) = attention(
+          q.block(b * n_q, h * d_k, n_q, d_k), k.block(b * n_k, h / group * d_k, n_k, d_k),
+          v.block(b * n_k, h / group * d_v, n_k, d_v), scale, mask);
     }
   return project(merged, w.w_o, w.b_o);
 }

@@ -31,6 +31,7 @@
 #include "effattn/attention/lsh.hpp"
 #include "effattn/attention/lsh/lsh_config.hpp"
 #include "effattn/attention/masking.hpp"
+#include "effattn/attention/rotary.hpp"
 #include "effattn/attention/projections/conv_projection.hpp"
 #include "effattn/attention/projections/dense_projection.hpp"
 #include "effattn/attention/projections/max_pooling.hpp"

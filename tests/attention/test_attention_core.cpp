@@ -17,20 +17,22 @@ namespace {
 
 // The keys a row of Masking sees, restated for the reference (attention/masking.hpp).
 template <class Masking>
-reference::Mask mask_of(Index key_length, Index shift) {
+reference::Mask mask_of(const Masking& masking, Index key_length, Index shift) {
   reference::Mask mask{Masking::causal, key_length, shift};
-  if constexpr (Masking::window > 0) {
-    const Index w = Masking::window;
+  if constexpr (Masking::windowed) {
+    const Index w = masking.size;
     mask.before = Masking::causal ? w - 1 : w / 2;
     mask.after = Masking::causal ? 0 : w - 1 - w / 2;
   }
   return mask;
 }
 
-template <class Masking, class S = double>
-void check_against_reference(const SequenceShape& shape, Index heads, Index d,
+// Most windows below have their size at run time (CausalWindow<>{37}): one instantiation of the
+// kernels serves every size, as in a user's program that reads it from a configuration.
+template <class S = double, class Masking>
+void check_against_reference(Masking masking, const SequenceShape& shape, Index heads, Index d,
                              typename FullAttention<S>::Config config = {}) {
-  AttentionCore<FullAttention<S>, Masking> core(config, HeadLayout{heads, d, d, 0});
+  AttentionCore<FullAttention<S>, Masking> core(config, HeadLayout{heads, d, d, 0}, masking);
   const Index t = shape.tokens();
   Matrix<S> q(t, heads * d), k(t, heads * d), v(t, heads * d), out(t, heads * d);
   CounterRng(1).fill_normal(q);
@@ -50,7 +52,7 @@ void check_against_reference(const SequenceShape& shape, Index heads, Index d,
   for (Index b = 0; b < shape.batch; ++b)
     for (Index h = 0; h < heads; ++h) {
       CAPTURE(b, h);
-      const reference::Mask mask = mask_of<Masking>(shape.valid_length(b), 0);
+      const reference::Mask mask = mask_of(masking, shape.valid_length(b), 0);
       reference::Scores scores{0, config.softcap};
       if (config.alibi.enabled)
         scores.slope =
@@ -74,11 +76,11 @@ TEST_CASE("AttentionCore splits a lone head's queries and still matches the refe
           "[core_attention]") {
   // One problem and 300 queries: with two or more threads the head is split into slices,
   // each writing its rows of the output and of the saved log-sum-exp.
-  check_against_reference<Bidirectional>({1, 300, {}}, 1, 8);
-  check_against_reference<Causal>({1, 300, {}}, 1, 8);
-  check_against_reference<Causal>({2, 130, {130, 77}}, 1, 4);
+  check_against_reference(Bidirectional{}, {1, 300, {}}, 1, 8);
+  check_against_reference(Causal{}, {1, 300, {}}, 1, 8);
+  check_against_reference(Causal{}, {2, 130, {130, 77}}, 1, 4);
   // Many problems: one task per (sequence, head).
-  check_against_reference<Causal>({3, 40, {40, 1, 0}}, 3, 4);
+  check_against_reference(Causal{}, {3, 40, {40, 1, 0}}, 3, 4);
 }
 
 TEMPLATE_TEST_CASE("Windowed full attention equals the reference, forward and backward",
@@ -90,13 +92,23 @@ TEMPLATE_TEST_CASE("Windowed full attention equals the reference, forward and ba
   for (const SequenceShape& shape :
        {SequenceShape{1, 300, {}}, SequenceShape{3, 130, {130, 77, 5}}}) {
     CAPTURE(shape.batch);
-    check_against_reference<CausalWindow<37>, S>(shape, 2, 8, tiles);
-    check_against_reference<SlidingWindow<64>, S>(shape, 2, 8, tiles);
-    check_against_reference<SlidingWindow<1>, S>(shape, 1, 8, tiles);
-    check_against_reference<CausalWindow<1000>, S>(shape, 1, 8, tiles);
-    check_against_reference<CausalWindow<100>, S>(shape, 2, 16);  // the default tiles
-    check_against_reference<SlidingWindow<51>, S>(shape, 2, 16);
+    check_against_reference<S>(CausalWindow<>{37}, shape, 2, 8, tiles);
+    check_against_reference<S>(SlidingWindow<>{64}, shape, 2, 8, tiles);
+    check_against_reference<S>(SlidingWindow<>{1}, shape, 1, 8, tiles);
+    check_against_reference<S>(CausalWindow<>{1000}, shape, 1, 8, tiles);
+    check_against_reference<S>(CausalWindow<100>{}, shape, 2,
+                               16);  // the default tiles; size in the type
+    check_against_reference<S>(SlidingWindow<>{51}, shape, 2, 16);
   }
+}
+
+TEST_CASE("A window sized at run time needs at least one key", "[core_attention][window]") {
+  using Core = AttentionCore<FullAttention<float>, SlidingWindow<>>;
+  CHECK_THROWS_WITH((Core({}, HeadLayout{1, 8, 8, 0}, SlidingWindow<>{0})),
+                    Catch::Contains("AttentionCore") && Catch::Contains("masking.size") &&
+                        Catch::Contains("a window of 0 keys"));
+  CHECK_THROWS_WITH((Core({}, HeadLayout{1, 8, 8, 0})), Catch::Contains("at least 1 key"));
+  CHECK(Core({}, HeadLayout{1, 8, 8, 0}, SlidingWindow<>{5}).masking().size == 5);
 }
 
 TEST_CASE("AttentionCore rejects mismatched inputs", "[core_attention][errors]") {
@@ -140,10 +152,10 @@ TEMPLATE_TEST_CASE("ALiBi and soft-capping equal the reference, forward and back
     CAPTURE(shape.batch);
     for (const Config& config : {alibi, steep, capped, both}) {
       CAPTURE(config.softcap, config.alibi.enabled);
-      check_against_reference<Bidirectional, S>(shape, 2, 8, config);
-      check_against_reference<Causal, S>(shape, 2, 8, config);
-      check_against_reference<CausalWindow<37>, S>(shape, 2, 8, config);
-      check_against_reference<SlidingWindow<64>, S>(shape, 2, 8, config);
+      check_against_reference<S>(Bidirectional{}, shape, 2, 8, config);
+      check_against_reference<S>(Causal{}, shape, 2, 8, config);
+      check_against_reference<S>(CausalWindow<>{37}, shape, 2, 8, config);
+      check_against_reference<S>(SlidingWindow<>{64}, shape, 2, 8, config);
     }
   }
 }
@@ -168,12 +180,13 @@ TEST_CASE("ALiBi's default slopes are the paper's, and bad modifiers are refused
 namespace {
 
 // Decodes n tokens, the first `first` in one call and the rest one at a time, with a block of
-// CausalWindow<W>, and checks them against its forward; returns the largest cache it held.
-template <Index W, class S>
-Index check_windowed_decoding(Index n, Index first, Index heads, Index expected_tasks,
+// CausalWindow<>{w}, and checks them against its forward; returns the largest cache it held.
+template <class S>
+Index check_windowed_decoding(Index w, Index n, Index first, Index heads, Index expected_tasks,
                               typename FullAttention<S>::Config config = {}) {
   const Index d = 8;
-  AttentionCore<FullAttention<S>, CausalWindow<W>> core(config, HeadLayout{heads, d, d, 0});
+  AttentionCore<FullAttention<S>, CausalWindow<>> core(config, HeadLayout{heads, d, d, 0},
+                                                       CausalWindow<>{w});
   Matrix<S> q(n, heads * d), k(n, heads * d), v(n, heads * d), out(n, heads * d);
   CounterRng(1).fill_normal(q);
   CounterRng(2).fill_normal(k);
@@ -198,7 +211,7 @@ Index check_windowed_decoding(Index n, Index first, Index heads, Index expected_
   const MatD expected = reference::attention(
       q.block(n - 10, 0, 10, d).template cast<double>(),
       k.block(0, 0, n, d).template cast<double>(), v.block(0, 0, n, d).template cast<double>(),
-      1.0 / std::sqrt(double(d)), mask_of<CausalWindow<W>>(n, n - 10),
+      1.0 / std::sqrt(double(d)), mask_of(CausalWindow<>{w}, n, n - 10),
       reference::Scores{config.alibi.enabled ? config.alibi.slopes[0] : 0.0, config.softcap});
   CHECK(reference::relative_error(decoded.block(n - 10, 0, 10, d).template cast<double>(),
                                   expected) < tol);
@@ -211,11 +224,50 @@ TEMPLATE_TEST_CASE("A causal window decodes token by token as its forward comput
                    "[core_attention][window][decode]", float, double) {
   using S = TestType;
   // One token at a time: the cache keeps the window's keys, not the sequence's 600.
-  CHECK(check_windowed_decoding<37, S>(600, 1, 2, 2) <= 2 * (37 + 1));
+  CHECK(check_windowed_decoding<S>(37, 600, 1, 2, 2) <= 2 * (37 + 1));
   // 2190 tokens in one call (the forward's kernel), then one at a time: the cache drops the
   // keys before the window and keeps 2100, two decode blocks of 2048 keys.
-  check_windowed_decoding<2100, S>(2200, 2190, 2, 2 * 2);
+  check_windowed_decoding<S>(2100, 2200, 2190, 2, 2 * 2);
   // With ALiBi and a soft cap, in the forward's kernel and in the cache blocks.
-  check_windowed_decoding<2100, S>(2200, 2190, 2, 2 * 2,
-                                   {.alibi = {true, {0.01, 0.02}}, .softcap = 1.5});
+  check_windowed_decoding<S>(2100, 2200, 2190, 2, 2 * 2,
+                             {.alibi = {true, {0.01, 0.02}}, .softcap = 1.5});
+}
+
+TEMPLATE_TEST_CASE("Grouped key/value heads decode as their forward, one cache per key/value head",
+                   "[core_attention][decode][gqa]", float, double) {
+  using S = TestType;
+  // 2190 tokens in one call (the forward's kernel), then one at a time against a cache of two
+  // blocks, each read once for the group's two query heads; ALiBi gives each query head of a
+  // group its own slope over the one cache.
+  const Index heads = 4, kv = 2, d = 8, n = 2200, first = 2190;
+  const typename FullAttention<S>::Config config{.alibi = {true, {}}};
+  AttentionCore<FullAttention<S>, Causal> core(config, HeadLayout{heads, d, d, 0, kv});
+  Matrix<S> q(n, heads * d), k(n, kv * d), v(n, kv * d), out(n, heads * d);
+  CounterRng(1).fill_normal(q);
+  CounterRng(2).fill_normal(k);
+  CounterRng(3).fill_normal(v);
+  core.forward(q, k, v, out, SequenceShape{1, n, {}}, SequenceShape{1, n, {}}, false);
+  auto decoder = core.start_decoding(1);
+  CHECK(decoder.states.size() == std::size_t(kv));  // the cache: kv / heads of the bytes
+  Matrix<S> decoded(n, heads * d);
+  core.decode(q.topRows(first), k.topRows(first), v.topRows(first), decoded.topRows(first),
+              decoder);
+  for (Index t = first; t < n; ++t) {
+    Matrix<S> step(1, heads * d);
+    core.decode(q.middleRows(t, 1), k.middleRows(t, 1), v.middleRows(t, 1), step, decoder);
+    decoded.row(t) = step;
+  }
+  CHECK(core.last_tasks() == kv * 2);  // (key/value head, cache block) tasks
+  CHECK(core.scratch_growths() == 0);
+  const double tol = std::is_same_v<S, float> ? 1e-5 : 1e-12;
+  CHECK(reference::relative_error(decoded.template cast<double>(), out.template cast<double>()) <
+        tol);
+  // ... and the reference, for the last rows of query head 3 (key/value head 1).
+  const MatD expected = reference::attention(
+      q.block(n - 10, 3 * d, 10, d).template cast<double>(),
+      k.block(0, d, n, d).template cast<double>(), v.block(0, d, n, d).template cast<double>(),
+      1.0 / std::sqrt(double(d)), reference::Mask{true, n, n - 10},
+      reference::Scores{Alibi::default_slopes(heads)[3], 0});
+  CHECK(reference::relative_error(decoded.block(n - 10, 3 * d, 10, d).template cast<double>(),
+                                  expected) < tol);
 }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <set>
 #include <string>
 #include <string_view>
@@ -417,6 +418,51 @@ TEST_CASE("MultiHeadAttention with LSHAttention is shared-QK and trains", "[lsh]
     CAPTURE(name);
     CHECK(reference::gradient_error(grad, numeric[i++]) < 1e-7);
   });
+}
+
+TEST_CASE("With rotary positions LSHAttention hashes and attends the rotated query-keys",
+          "[lsh][rotary]") {
+  // The shared query-keys are rotated before the policy sees them, so the buckets are drawn on
+  // the vectors whose dot products are the logits (RoPE's, relative in position): the block
+  // equals its policy run on Q rotated by hand, and its gradients the finite differences.
+  using Block = MultiHeadAttention<LSHAttention<double>, Causal>;
+  const LSHAttention<double>::Config config{.chunk = 4, .rounds = 2};
+  Block block({.d_model = 8, .heads = 2, .seed = 3, .policy = config, .rotary = {true, 100.0}});
+  std::map<std::string, Matrix<double>> w;
+  block.visit_parameters([&](std::string_view name, Matrix<double>& value, auto&) {
+    CounterRng(9, w.size()).fill_normal(value);  // biases too
+    w[std::string(name)] = value;
+  });
+  const SequenceShape shape{2, 13, {13, 9}};
+  Matrix<double> x(26, 8), y(26, 8), g(26, 8);
+  CounterRng(1).fill_normal(x);
+  CounterRng(2).fill_normal(g);
+  shape.zero_padding(g);
+  block.forward(x, y, shape);
+  MatD q = (x * w["w_q"]).rowwise() + w["b_q"].row(0);
+  MatD v = (x * w["w_v"]).rowwise() + w["b_v"].row(0);
+  reference::rotate_positions(q, 2, 4, 13, 100.0, 4);
+  shape.zero_padding(q);
+  shape.zero_padding(v);
+  AttentionCore<LSHAttention<double>, Causal> core(config, HeadLayout{2, 4, 4, 3});
+  Matrix<double> merged(26, 8);
+  core.forward(q, q, v, merged, shape, shape, false);
+  MatD expected = (merged * w["w_o"]).rowwise() + w["b_o"].row(0);
+  MatD got = y;
+  shape.zero_padding(expected);
+  shape.zero_padding(got);
+  CHECK(reference::relative_error(got, expected) < 1e-13);
+
+  auto loss = [&] {
+    block.forward(x, y, shape);
+    return y.cwiseProduct(g).sum();
+  };
+  const MatD num_x = reference::numeric_gradient(loss, x);
+  block.set_training(true);
+  block.forward(x, y, shape);
+  Matrix<double> dx(26, 8);
+  block.backward(x, g, dx, shape);
+  CHECK(reference::gradient_error(dx, num_x) < 1e-7);
 }
 
 TEST_CASE("LSHAttention rotations are seeded, readable and settable", "[lsh]") {

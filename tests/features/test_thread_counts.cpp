@@ -69,12 +69,13 @@ bool same_bits(const Matrix<S>& a, const Matrix<S>& b) {
 }
 
 template <class Policy, class Masking>
-void same_bits_at_every_thread_count(typename Policy::Config config, Index d) {
+void same_bits_at_every_thread_count(typename Policy::Config config, Index d,
+                                     Masking masking = {}) {
   // One head alone (all threads on it), padded or not, and four heads of which one is padded.
   for (const auto& shape :
        {SequenceShape{1, 900}, SequenceShape{1, 900, {613}}, SequenceShape{2, 900, {900, 701}}}) {
     const Index heads = shape.batch;
-    AttentionCore<Policy, Masking> core(config, HeadLayout{heads, d, d, 7});
+    AttentionCore<Policy, Masking> core(config, HeadLayout{heads, d, d, 7}, masking);
     const auto one = run(core, shape, d, 1);
     REQUIRE(one.out.allFinite());
     REQUIRE(one.dq.allFinite());
@@ -90,7 +91,78 @@ void same_bits_at_every_thread_count(typename Policy::Config config, Index d) {
   }
 }
 
+// Grouped key/value heads (GQA, MQA): the block equals one in which every query head has its
+// own copy of its key/value head, bit for bit, and its key and value gradients are the sums of
+// the copies' over each group, in head order; at 1 and 3 threads.
+template <class Policy, class Masking>
+void check_grouped_heads(typename Policy::Config config, Index kv_heads) {
+  using S = typename Policy::Scalar;
+  const Index heads = 4, d = 16, group = heads / kv_heads;
+  const SequenceShape shape{2, 300, {300, 211}};
+  const Index rows = shape.tokens();
+  Matrix<S> q(rows, heads * d), k(rows, kv_heads * d), v(rows, kv_heads * d);
+  Matrix<S> d_out(rows, heads * d), k_copies(rows, heads * d), v_copies(rows, heads * d);
+  CounterRng(21).fill_normal(q);
+  CounterRng(22).fill_normal(k);
+  CounterRng(23).fill_normal(v);
+  CounterRng(24).fill_normal(d_out);
+  for (Index h = 0; h < heads; ++h) {
+    k_copies.middleCols(h * d, d) = k.middleCols(h / group * d, d);
+    v_copies.middleCols(h * d, d) = v.middleCols(h / group * d, d);
+  }
+  AttentionCore<Policy, Masking> copies(config, HeadLayout{heads, d, d, 7});
+  Matrix<S> out_c(rows, heads * d), dq_c(rows, heads * d), dk_c(rows, heads * d),
+      dv_c(rows, heads * d);
+  copies.forward(q, k_copies, v_copies, out_c, shape, shape, true);
+  copies.backward(q, k_copies, v_copies, out_c, d_out, dq_c, dk_c, dv_c, shape, shape);
+  Matrix<S> dk_sum(rows, kv_heads * d), dv_sum(rows, kv_heads * d);
+  for (Index g = 0; g < kv_heads; ++g) {
+    dk_sum.middleCols(g * d, d) = dk_c.middleCols(g * group * d, d);
+    dv_sum.middleCols(g * d, d) = dv_c.middleCols(g * group * d, d);
+    for (Index j = 1; j < group; ++j) {
+      dk_sum.middleCols(g * d, d) += dk_c.middleCols((g * group + j) * d, d);
+      dv_sum.middleCols(g * d, d) += dv_c.middleCols((g * group + j) * d, d);
+    }
+  }
+  AttentionCore<Policy, Masking> grouped(config, HeadLayout{heads, d, d, 7, kv_heads});
+  for (const int threads : {1, 3}) {
+    CAPTURE(Policy::name, Masking::causal, kv_heads, threads);
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+#endif
+    Matrix<S> out(rows, heads * d), dq(rows, heads * d), dk(rows, kv_heads * d),
+        dv(rows, kv_heads * d);
+    grouped.forward(q, k, v, out, shape, shape, true);
+    grouped.backward(q, k, v, out, d_out, dq, dk, dv, shape, shape);
+#ifdef _OPENMP
+    omp_set_num_threads(saved);
+#endif
+    CHECK(same_bits(out, out_c));
+    CHECK(same_bits(dq, dq_c));
+    CHECK(same_bits(dk, dk_sum));
+    CHECK(same_bits(dv, dv_sum));
+    CHECK(grouped.scratch_growths() == 0);
+  }
+}
+
 }  // namespace
+
+TEST_CASE("Grouped key/value heads equal their copies per query head, at 1 and 3 threads",
+          "[threads][determinism][gqa]") {
+  for (const Index kv_heads : {2, 1}) {  // GQA, MQA
+    check_grouped_heads<FullAttention<float>, Causal>({}, kv_heads);
+    check_grouped_heads<FullAttention<double>, Bidirectional>({}, kv_heads);
+    check_grouped_heads<Favor<float>, Causal>({.features = 32, .chunk = 16}, kv_heads);
+    check_grouped_heads<LowRank<float>, Bidirectional>({.projection = {.k = 200, .n_max = 900}},
+                                                       kv_heads);
+  }
+  // Not a divisor of the heads, and a shared-QK policy (its keys are its queries): Errors.
+  CHECK_THROWS_WITH((AttentionCore<FullAttention<float>>({}, HeadLayout{4, 8, 8, 0, 3})),
+                    Catch::Contains("layout.kv_heads") && Catch::Contains("a divisor of heads"));
+  CHECK_THROWS_WITH((AttentionCore<LSHAttention<float>>({}, HeadLayout{4, 8, 8, 0, 2})),
+                    Catch::Contains("shares QK"));
+}
 
 TEMPLATE_TEST_CASE("Every policy gives the same bits at 1, 2, 3 and 7 threads",
                    "[threads][determinism]", Bidirectional, Causal) {
@@ -114,9 +186,10 @@ TEMPLATE_TEST_CASE("Every policy gives the same bits at 1, 2, 3 and 7 threads",
 
 TEST_CASE("Windowed full attention gives the same bits at 1, 2, 3 and 7 threads",
           "[threads][determinism][window]") {
-  same_bits_at_every_thread_count<FullAttention<float>, CausalWindow<100>>({}, 16);
-  same_bits_at_every_thread_count<FullAttention<float>, SlidingWindow<257>>({}, 16);
-  same_bits_at_every_thread_count<FullAttention<double>, CausalWindow<300>>({}, 16);
+  // Sizes at run time (one instantiation for all), as users who read them from a config have.
+  same_bits_at_every_thread_count<FullAttention<float>>({}, 16, CausalWindow<>{100});
+  same_bits_at_every_thread_count<FullAttention<float>>({}, 16, SlidingWindow<>{257});
+  same_bits_at_every_thread_count<FullAttention<double>>({}, 16, CausalWindow<>{300});
 }
 
 TEST_CASE("A lone head's backward is split into key blocks that all threads share", "[threads]") {

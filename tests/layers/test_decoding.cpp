@@ -58,6 +58,64 @@ TEST_CASE("Decoding with FullAttention's key/value cache equals the causal forwa
   check_decoding(fast, 2e-6);
 }
 
+TEST_CASE("A block's window sized at run time decodes as its forward, as one sized in its type",
+          "[layers][window]") {
+  using RunTime = MultiHeadAttention<FullAttention<double>, CausalWindow<>>;
+  RunTime run_time({.d_model = 12, .heads = 3, .seed = 1, .masking = CausalWindow<>{4}});
+  randomise(run_time, 2);
+  check_decoding(run_time, 1e-13);
+  // The same block with the size in its type, and without a window: the same bits as the one,
+  // not the other (13 tokens, so most rows miss keys).
+  MultiHeadAttention<FullAttention<double>, CausalWindow<4>> in_type(
+      {.d_model = 12, .heads = 3, .seed = 1});
+  MultiHeadAttention<FullAttention<double>, Causal> whole({.d_model = 12, .heads = 3, .seed = 1});
+  randomise(in_type, 2);
+  randomise(whole, 2);
+  const SequenceShape shape{2, 13, {}};
+  const Matrix<double> x = random<double>(26, 12, 5);
+  Matrix<double> a(26, 12), b(26, 12), c(26, 12);
+  run_time.forward(x, a, shape);
+  in_type.forward(x, b, shape);
+  whole.forward(x, c, shape);
+  CHECK((a.array() == b.array()).all());
+  CHECK(reference::relative_error(a, c) > 1e-3);
+  CHECK_THROWS_WITH(RunTime({.d_model = 12, .heads = 3}),
+                    Catch::Contains("MultiHeadAttention") && Catch::Contains("masking.size") &&
+                        Catch::Contains("CausalWindow<>{512}"));
+}
+
+TEST_CASE("Grouped key/value heads decode as their forward computes", "[layers][gqa]") {
+  // One cache per key/value head, serving its two query heads (Full); Favor keeps a state per
+  // query head (its features are the query head's), fed the key/value head's keys and values.
+  MultiHeadAttention<FullAttention<double>, Causal> full(
+      {.d_model = 16, .heads = 4, .seed = 1, .kv_heads = 2});
+  randomise(full, 2);
+  check_decoding(full, 1e-13);
+  auto decoder = full.start_decoding(3);
+  CHECK(decoder.states.size() == 3 * 2);
+  MultiHeadAttention<Favor<double>, Causal> favor({.d_model = 16,
+                                                   .heads = 4,
+                                                   .seed = 1,
+                                                   .policy = {.features = 16, .chunk = 4},
+                                                   .kv_heads = 1});
+  check_decoding(favor, 1e-12);
+}
+
+TEST_CASE("Rotary positions decode as their forward computes", "[layers][rotary]") {
+  // Each new token rotated at its position (the tokens decoded so far), with grouped heads.
+  MultiHeadAttention<FullAttention<double>, Causal> full(
+      {.d_model = 16, .heads = 4, .seed = 1, .kv_heads = 2, .rotary = {true}});
+  randomise(full, 2);
+  check_decoding(full, 1e-13);
+  // Before Favor's feature map, as performer-pytorch recommends.
+  MultiHeadAttention<Favor<double>, Causal> favor({.d_model = 16,
+                                                   .heads = 4,
+                                                   .seed = 1,
+                                                   .policy = {.features = 16, .chunk = 4},
+                                                   .rotary = {true, 10000.0, 2}});
+  check_decoding(favor, 1e-12);
+}
+
 TEST_CASE("Decoding with Favor's recurrent state equals the causal forward", "[layers]") {
   using Block = MultiHeadAttention<Favor<double>, Causal>;
   Block favor({.d_model = 12, .heads = 3, .seed = 1, .policy = {.features = 16, .chunk = 4}});

@@ -1,6 +1,7 @@
 // MultiHeadAttention<FullAttention> against the naive reference: forward, gradients, errors.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
@@ -115,7 +116,7 @@ namespace {
 // Checks every parameter gradient and the input gradient(s) against finite differences.
 template <class Block, class Forward, class Backward>
 void check_gradients(Block& block, Matrix<double>& y_weights, Forward forward, Backward backward,
-                     std::vector<Matrix<double>*> inputs) {
+                     std::vector<Matrix<double>*> inputs, bool rotary = false) {
   auto loss = [&] { return forward().cwiseProduct(y_weights).sum(); };
   block.set_training(true);
   block.zero_grad();
@@ -126,8 +127,9 @@ void check_gradients(Block& block, Matrix<double>& y_weights, Forward forward, B
     names.emplace_back(name);
     CAPTURE(std::string(name));
     CHECK(reference::gradient_error(grad, reference::numeric_gradient(loss, value)) < 1e-7);
-    // Adding b_k shifts every logit of a row by the same amount: softmax ignores it.
-    if (name == "b_k")
+    // Adding b_k shifts every logit of a row by the same amount: softmax ignores it (unless
+    // rotary positions turn it differently at each key).
+    if (name == "b_k" && !rotary)
       CHECK(grad.norm() < 1e-12);
     else
       CHECK(grad.norm() > 1e-3);
@@ -165,6 +167,33 @@ TEST_CASE("MultiHeadAttention gradients match finite differences (double)", "[mh
           return std::vector<Matrix<double>>{dx};
         },
         {&x});
+  }
+  SECTION("rotary positions (half the columns) over one key/value head (MQA)") {
+    const SequenceShape shape{2, 9, {9, 6}};
+    MultiHeadAttention<FullAttention<double>, Causal> block({.d_model = 8,
+                                                             .heads = 2,
+                                                             .seed = 1,
+                                                             .policy = {4, 4, {}},
+                                                             .kv_heads = 1,
+                                                             .rotary = {true, 100.0, 2}});
+    randomise_biases(block, 2);
+    Matrix<double> x(shape.tokens(), 8), w(shape.tokens(), 8);
+    CounterRng(35).fill_normal(x);
+    CounterRng(36).fill_normal(w);
+    shape.zero_padding(w);
+    check_gradients(
+        block, w,
+        [&] {
+          Matrix<double> y(shape.tokens(), 8);
+          block.forward(x, y, shape);
+          return y;
+        },
+        [&] {
+          Matrix<double> dx(shape.tokens(), 8);
+          block.backward(x, w, dx, shape);
+          return std::vector<Matrix<double>>{dx};
+        },
+        {&x}, true);
   }
   SECTION("cross-attention") {
     const SequenceShape q_shape{2, 5}, kv_shape{2, 8, {3, 8}};
@@ -222,6 +251,107 @@ TEST_CASE("MultiHeadAttention initialisation is seeded and gradients accumulate"
   a.set_training(false);
   a.forward(x, y, shape);
   CHECK_THROWS_WITH(a.backward(x, dy, dx, shape), Catch::Contains("set_training(true)"));
+}
+
+TEST_CASE("Grouped key/value heads equal their weights repeated for every query head",
+          "[mha][gqa]") {
+  // heads 4 of width 4 over 2 key/value heads: w_k, w_v are 16 × 8; a block without groups
+  // given those weights repeated per query head computes the same, and the grouped gradients
+  // of w_k, b_k, w_v, b_v are the sums of the repeated ones over each group.
+  using Block = MultiHeadAttention<FullAttention<double>, Causal>;
+  Block grouped({.d_model = 16, .heads = 4, .seed = 3, .kv_heads = 2});
+  Block repeated({.d_model = 16, .heads = 4, .seed = 4});
+  CHECK(grouped.kv_heads() == 2);
+  randomise_biases(grouped, 5);
+  std::map<std::string, Matrix<double>> weights;
+  grouped.visit_parameters(
+      [&](std::string_view name, auto& value, auto&) { weights[std::string(name)] = value; });
+  CHECK(weights["w_k"].cols() == 8);
+  CHECK(weights["b_v"].cols() == 8);
+  const auto repeat = [](const Matrix<double>& m) {
+    Matrix<double> r(m.rows(), 16);
+    for (Index h = 0; h < 4; ++h)
+      r.middleCols(h * 4, 4) = m.middleCols(h / 2 * 4, 4);
+    return r;
+  };
+  repeated.visit_parameters([&](std::string_view name, auto& value, auto&) {
+    const Matrix<double>& w = weights[std::string(name)];
+    value = name.substr(1) == "_k" || name.substr(1) == "_v" ? repeat(w) : w;
+  });
+  const SequenceShape shape{2, 37, {37, 20}};
+  Matrix<double> x(shape.tokens(), 16), dy(shape.tokens(), 16);
+  CounterRng(6).fill_normal(x);
+  CounterRng(7).fill_normal(dy);
+  std::map<std::string, Matrix<double>> grads[2];
+  Matrix<double> y[2], dx[2];
+  int i = 0;
+  for (Block* block : {&grouped, &repeated}) {
+    y[i].resize(x.rows(), 16);
+    dx[i].resize(x.rows(), 16);
+    block->set_training(true);
+    block->forward(x, y[i], shape);
+    block->backward(x, dy, dx[i], shape);
+    block->visit_parameters(
+        [&](std::string_view name, auto&, auto& grad) { grads[i][std::string(name)] = grad; });
+    ++i;
+  }
+  CHECK(reference::relative_error(y[0], y[1]) < 1e-13);
+  CHECK(reference::relative_error(dx[0], dx[1]) < 1e-13);
+  for (const auto& [name, grad] : grads[0]) {
+    CAPTURE(name);
+    Matrix<double> expected = grads[1][name];
+    if (name.substr(1) == "_k" || name.substr(1) == "_v") {
+      expected.resize(grad.rows(), 8);
+      for (Index g = 0; g < 2; ++g)
+        expected.middleCols(g * 4, 4) =
+            grads[1][name].middleCols(g * 8, 4) + grads[1][name].middleCols(g * 8 + 4, 4);
+    }
+    // Absolute for b_k, whose gradient is 0 but for rounding (softmax ignores a shift of a
+    // row's logits, and q·b_k shifts them all).
+    CHECK((grad - expected).norm() < 1e-12 * std::max(1.0, expected.norm()));
+  }
+  CHECK_THROWS_WITH(Block({.d_model = 16, .heads = 4, .kv_heads = 3}),
+                    Catch::Contains("'kv_heads'") && Catch::Contains("a divisor of heads = 4"));
+}
+
+TEMPLATE_TEST_CASE("Rotary positions and grouped key/value heads equal the naive reference",
+                   "[mha][rotary][gqa]", float, double) {
+  using S = TestType;
+  using Block = MultiHeadAttention<FullAttention<S>, Causal>;
+  const SequenceShape shape{2, 70, {70, 41}};
+  Matrix<S> x(shape.tokens(), 32), y(shape.tokens(), 32);
+  CounterRng(40).fill_normal(x);
+  // All of each head's columns with RoPE's base; a quarter of them with another base; 4 query
+  // heads over 2 key/value heads, and over 4.
+  for (const auto& [rotary, kv] : {std::pair{Rotary{true, 10000.0, 0}, Index(2)},
+                                   std::pair{Rotary{true, 500.0, 2}, Index(4)}}) {
+    CAPTURE(rotary.base, kv);
+    Block block({.d_model = 32,
+                 .heads = 4,
+                 .seed = 5,
+                 .policy = {8, 16, {}},
+                 .kv_heads = kv,
+                 .rotary = rotary});
+    randomise_biases(block, 3);
+    block.forward(x, y, shape);
+    const MatD expected = reference::multi_head_attention(
+        x.template cast<double>(), x.template cast<double>(), weights_of(block), 4, 8, 8, shape,
+        shape, true, 1.0 / std::sqrt(8.0), rotary.base, rotary.dims, kv);
+    MatD got = y.template cast<double>();
+    shape.zero_padding(got);
+    MatD want = expected;
+    shape.zero_padding(want);
+    CHECK(reference::relative_error(got, want) < tolerance<S>());
+  }
+  // Bad settings and calls are Errors that name the setting.
+  CHECK_THROWS_WITH(Block({.d_model = 32, .heads = 4, .rotary = {true, 10000.0, 3}}),
+                    Catch::Contains("'rotary.dims'") && Catch::Contains("an even number"));
+  CHECK_THROWS_WITH(Block({.d_model = 32, .heads = 4, .rotary = {true, 10000.0, 10}}),
+                    Catch::Contains("at most d_head = 8"));
+  CHECK_THROWS_WITH(Block({.d_model = 32, .heads = 4, .rotary = {true, 0.0, 0}}),
+                    Catch::Contains("'rotary.base'"));
+  MultiHeadAttention<FullAttention<S>> cross({.d_model = 32, .heads = 4, .rotary = {true}});
+  CHECK_THROWS_WITH(cross.forward(x, x, y, shape, shape), Catch::Contains("cross-attention"));
 }
 
 TEST_CASE("MultiHeadAttention rejects bad input with a clear effattn::Error", "[mha][errors]") {

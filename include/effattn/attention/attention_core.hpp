@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -58,6 +59,7 @@ struct DecodeStateOf<Policy> {
 template <class Policy, class Masking = Bidirectional>
 class AttentionCore {
   static_assert(detail::assert_attention_policy<Policy>());
+  static_assert(detail::assert_optional_parts<Policy>());
   static_assert(detail::assert_masking<Masking>());
   // sizeof instantiates the check, whose own static_assert gives the message.
   static_assert(
@@ -69,12 +71,16 @@ class AttentionCore {
   using S = Scalar;
   static constexpr bool causal = Masking::causal;
 
-  AttentionCore(typename Policy::Config config, HeadLayout layout)
-      : layout_(layout), policy_(config, layout) {
+  /// `masking` holds a window's size where the masking type leaves it to run time
+  /// (CausalWindow<>{512}); other maskings are empty values.
+  AttentionCore(typename Policy::Config config, HeadLayout layout, Masking masking = {})
+      : layout_(check_layout(layout)), policy_(config, layout), masking_(masking) {
+    detail::check_masking(masking_, "AttentionCore");
     // A policy that fits its tiles to a window (FullAttention) is told the masking's.
-    if constexpr (requires(Policy & p) { p.use_window(KeyWindow{}); })
-      policy_.use_window(KeyWindow::of<Masking>());
+    if constexpr (PolicyUsesWindow<Policy>) policy_.use_window(masking_.keys());
   }
+
+  const Masking& masking() const { return masking_; }
 
   const HeadLayout& layout() const { return layout_; }
   Policy& policy() { return policy_; }
@@ -88,7 +94,7 @@ class AttentionCore {
     for (auto [name, m] : {std::pair{"q", q}, {"k", k}, {"v", v}})
       detail::require_disjoint("AttentionCore", "out", out, name, m);
     const Index n_q = q_shape.seq, n_k = kv_shape.seq, h = layout_.heads;
-    const Index dk = layout_.d_key, dv = layout_.d_value;
+    const Index dk = layout_.d_key, dv = layout_.d_value, group = layout_.group();
     policy_.validate(n_q, n_k, dk, dv, causal);
 
     const int threads = max_threads();
@@ -96,7 +102,7 @@ class AttentionCore {
     // Slices are whole query tiles of the policy (query_grain), so that every row is computed
     // in the same tile as without the split: the same bits for every thread count.
     Index grain = min_split_rows;
-    if constexpr (requires { policy_.query_grain(dk, dv); })
+    if constexpr (PolicyHasQueryGrain<Policy>)
       grain = std::max<Index>(grain, policy_.query_grain(dk, dv));
     Index slice = n_q;
     if constexpr (Policy::splits_queries) {
@@ -119,11 +125,7 @@ class AttentionCore {
     // A policy whose forward runs in blocks (Favor: key sums over key blocks, merged in block
     // order, then query blocks) gets every (problem, block) as a task, block-major, and a share
     // of memory per problem for what its blocks merge.
-    constexpr bool blocked = requires(const Policy& p) {
-      {
-        p.forward_blocks(Index{}, Index{}, Index{}, Index{}, true, Index{})
-        } -> std::convertible_to<Index>;
-    };
+    constexpr bool blocked = PolicyForwardsInBlocks<Policy>;
     if constexpr (blocked) {
       const Index spread = std::max<Index>(1, threads / problems);
       const Index blocks =
@@ -140,9 +142,10 @@ class AttentionCore {
                    ctx.spread = spread;
                    Workspace& ws = pool_[slot];
                    Workspace::Frame frame(ws);
+                   const Index g = head / group;  // its key/value head
                    policy_.forward_block(block, q.block(b * n_q, head * dk, n_q, dk),
-                                         k.block(b * n_k, head * dk, n_k, dk),
-                                         v.block(b * n_k, head * dv, n_k, dv),
+                                         k.block(b * n_k, g * dk, n_k, dk),
+                                         v.block(b * n_k, g * dv, n_k, dv),
                                          out.block(b * n_q, head * dv, n_q, dv), saved, ctx, ws,
                                          order, sh.of(shared, problem, ws));
                  });
@@ -156,8 +159,9 @@ class AttentionCore {
         const Index b = problem / h, head = problem % h, rows = std::min(slice, n_q - q0);
         if (rows <= 0) return;
         auto* saved = keep_saved ? &saved_[static_cast<std::size_t>(problem)] : nullptr;
+        const Index g = head / group;
         policy_.forward(q.block(b * n_q + q0, head * dk, rows, dk),
-                        k.block(b * n_k, head * dk, n_k, dk), v.block(b * n_k, head * dv, n_k, dv),
+                        k.block(b * n_k, g * dk, n_k, dk), v.block(b * n_k, g * dv, n_k, dv),
                         out.block(b * n_q + q0, head * dv, rows, dv), saved,
                         context(b, head, q0, q_shape, kv_shape), pool_[slot]);
       });
@@ -174,12 +178,12 @@ class AttentionCore {
     check(q, k, v, q_shape, kv_shape);
     check_backward(q_shape, kv_shape);
     const Index n_q = q_shape.seq, n_k = kv_shape.seq, h = layout_.heads;
-    const Index dkw = layout_.d_key, dvw = layout_.d_value;
+    const Index dkw = layout_.d_key, dvw = layout_.d_value, group = layout_.group();
     check_size(out, q.rows(), h * dvw, "out");
     check_size(d_out, q.rows(), h * dvw, "d_out");
     check_size(dq, q.rows(), h * dkw, "dq");
-    check_size(dk, k.rows(), h * dkw, "dk");
-    check_size(dv, v.rows(), h * dvw, "dv");
+    check_size(dk, k.rows(), layout_.kv() * dkw, "dk");
+    check_size(dv, v.rows(), layout_.kv() * dvw, "dv");
     for (auto [name, m] : {std::pair{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"d_out", d_out}}) {
       detail::require_disjoint("AttentionCore", "dq", dq, name, m);
       detail::require_disjoint("AttentionCore", "dk", dk, name, m);
@@ -192,21 +196,24 @@ class AttentionCore {
     const int threads = max_threads();
     pool_.resize(threads);
     pool_.reserve_each(policy_.scratch_bytes(n_q, n_k, dkw, dvw));
+    // Grouped query heads (GQA): each query head's key and value gradients go to a part of its
+    // own, summed over its group in head order afterwards (sum_group_parts): no two tasks write
+    // the same rows, and the bits do not depend on the thread count.
+    if (group > 1) {
+      dk_parts_.resize(k.rows(), h * dkw);
+      dv_parts_.resize(v.rows(), h * dvw);
+    }
+    const auto grad = [&](View<S> whole, Matrix<S>& parts, Index b, Index head, Index w) {
+      return group > 1 ? View<S>(parts.block(b * n_k, head * w, n_k, w))
+                       : View<S>(whole.block(b * n_k, head * w, n_k, w));
+    };
     // A policy whose backward runs in blocks (FullAttention: key blocks) has each problem's
     // blocks merge their shared result in block order: the same bits for every thread count.
-    constexpr bool blocked = requires(const Policy& p) {
-      {
-        p.backward_blocks(Index{}, Index{}, Index{}, Index{}, true, Index{})
-        } -> std::convertible_to<Index>;
-    };
+    constexpr bool blocked = PolicyBackwardsInBlocks<Policy>;
     // A blocked policy may finish with a stage over all problems together (LowRank: the
     // projections, whose gradients every problem adds to), which reads what each problem's
     // blocks shared.
-    constexpr bool finishes =
-        blocked && requires(const Policy& p, detail::ProblemGradients<S> (*at)(Index),
-                            Workspace& (*workspace)(int)) {
-      { p.finish_backward(Index{}, at, 1, workspace) } -> std::convertible_to<Index>;
-    };
+    constexpr bool finishes = PolicyFinishesBackward<Policy>;
     const Index problems = q_shape.batch * h;
     const Index spread = std::max<Index>(1, threads / problems);
     Index blocks = 1;
@@ -221,8 +228,11 @@ class AttentionCore {
       (void)block;  // a policy without blocks has one, and no order
       (void)order;
       const Index b = problem / h, head = problem % h;
+      const Index g = head / group;  // its key/value head
       const auto qb = [&](auto& m, Index w) { return m.block(b * n_q, head * w, n_q, w); };
-      const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
+      const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, g * w, n_k, w); };
+      const View<S> dkh = grad(dk, dk_parts_, b, head, dkw),
+                    dvh = grad(dv, dv_parts_, b, head, dvw);
       HeadContext ctx = context(b, head, 0, q_shape, kv_shape);
       ctx.spread = spread;
       const auto& saved = saved_[static_cast<std::size_t>(problem)];
@@ -230,11 +240,11 @@ class AttentionCore {
       Workspace::Frame frame(ws);
       if constexpr (blocked)
         policy_.backward_block(block, qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw),
-                               qb(d_out, dvw), saved, qb(dq, dkw), kb(dk, dkw), kb(dv, dvw), ctx,
-                               ws, order, sh.of(shared, problem, ws));
+                               qb(d_out, dvw), saved, qb(dq, dkw), dkh, dvh, ctx, ws, order,
+                               sh.of(shared, problem, ws));
       else
         policy_.backward(qb(q, dkw), kb(k, dkw), kb(v, dvw), qb(out, dvw), qb(d_out, dvw), saved,
-                         qb(dq, dkw), kb(dk, dkw), kb(dv, dvw), ctx, ws);
+                         qb(dq, dkw), dkh, dvh, ctx, ws);
     };
     if constexpr (blocked) {
       run_blocks(problems, blocks, threads, run);
@@ -247,25 +257,29 @@ class AttentionCore {
       const Index tasks = policy_.finish_backward(
           problems,
           [&](Index problem) {
-            const Index b = problem / h, head = problem % h;
-            const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, head * w, n_k, w); };
+            const Index b = problem / h, head = problem % h, g = head / group;
+            const auto kb = [&](auto& m, Index w) { return m.block(b * n_k, g * w, n_k, w); };
             return detail::ProblemGradients<S>{kb(k, dkw),
                                                kb(v, dvw),
-                                               kb(dk, dkw),
-                                               kb(dv, dvw),
+                                               grad(dk, dk_parts_, b, head, dkw),
+                                               grad(dv, dv_parts_, b, head, dvw),
                                                context(b, head, 0, q_shape, kv_shape),
                                                shared + problem * sh.share};
           },
           threads, [&](int slot) -> Workspace& { return pool_[slot]; });
       last_tasks_ = std::max(last_tasks_, tasks);
     }
+    if (group > 1) sum_group_parts(dk, dv, q_shape.batch, n_k, threads);
   }
 
   /// Incremental causal decoding: every (sequence, head)'s decode state (FullAttention: its
   /// keys and values so far; Favor: its recurrent state) and the tokens decoded per sequence.
   /// It records the block that made it: decode refuses any other block's decoder.
   struct Decoder {
-    std::vector<typename detail::DecodeStateOf<Policy>::type> states;  ///< batch × heads
+    /// batch × heads states, or batch × kv_heads where a cache serves a group of query heads
+    /// (GQA with a policy that decodes in blocks: FullAttention's cache is kv_heads / heads of
+    /// the size).
+    std::vector<typename detail::DecodeStateOf<Policy>::type> states;
     Index batch = 0;
     Index length = 0;         ///< tokens decoded per sequence so far
     std::uint64_t owner = 0;  ///< the identity of the block that made it
@@ -292,10 +306,10 @@ class AttentionCore {
     d.batch = batch;
     d.owner = id_.value();
     for (Index b = 0; b < batch; ++b)
-      for (Index h = 0; h < layout_.heads; ++h) {
+      for (Index h = 0; h < decode_heads(); ++h) {
         d.states.push_back(policy_.decode_state(h, layout_.d_key, layout_.d_value));
         // A window's policy (FullAttention) keeps the masking's window in its state.
-        if constexpr (Masking::window > 0) d.states.back().window = KeyWindow::of<Masking>();
+        if constexpr (Masking::windowed) d.states.back().window = masking_.keys();
       }
     return d;
   }
@@ -309,10 +323,11 @@ class AttentionCore {
     const auto scope = in_use_.enter(who);
     check_decode(q.rows(), d);
     const Index m = q.rows() / d.batch, h = layout_.heads;
-    const Index dk = layout_.d_key, dv = layout_.d_value;
+    const Index dk = layout_.d_key, dv = layout_.d_value, kv = layout_.kv(),
+                group = layout_.group();
     check_size(q, q.rows(), h * dk, "q");
-    check_size(k, q.rows(), h * dk, "k");
-    check_size(v, q.rows(), h * dv, "v");
+    check_size(k, q.rows(), kv * dk, "k");
+    check_size(v, q.rows(), kv * dv, "v");
     check_size(out, q.rows(), h * dv, "out");
     for (auto [name, mat] : {std::pair{"q", q}, {"k", k}, {"v", v}})
       detail::require_disjoint(who, "out", out, name, mat);
@@ -332,29 +347,29 @@ class AttentionCore {
     // A policy that decodes in blocks (FullAttention: blocks of a long cache) appends the new
     // keys first, then runs every (problem, block) as a task, merging each problem's blocks in
     // block order: the same bits for every thread count.
-    constexpr bool blocked = requires(const Policy& p) {
-      { p.decode_blocks(Index{}, Index{}) } -> std::convertible_to<Index>;
-    };
+    constexpr bool blocked = PolicyDecodesInBlocks<Policy>;
+    // Under GQA a problem is a key/value head with its group of query heads, which read each
+    // block of its cache once.
     if constexpr (blocked) {
-      parallel_for(d.batch * h, threads, [&](Index problem, int) {
-        const Index b = problem / h, head = problem % h;
-        policy_.decode_append(k.block(b * m, head * dk, m, dk), v.block(b * m, head * dv, m, dv),
+      parallel_for(d.batch * kv, threads, [&](Index problem, int) {
+        const Index b = problem / kv, g = problem % kv;
+        policy_.decode_append(k.block(b * m, g * dk, m, dk), v.block(b * m, g * dv, m, dv),
                               state(problem));
       });
       const Index blocks = std::max<Index>(1, policy_.decode_blocks(m, cached()));
-      run_blocks(d.batch * h, blocks, threads,
+      run_blocks(d.batch * kv, blocks, threads,
                  [&](Index problem, Index block, int slot, const detail::StepOrder& order) {
-                   const Index b = problem / h, head = problem % h;
-                   policy_.decode_block(block, q.block(b * m, head * dk, m, dk),
-                                        out.block(b * m, head * dv, m, dv), head, state(problem),
-                                        pool_[slot], order);
+                   const Index b = problem / kv, g = problem % kv;
+                   policy_.decode_block(block, q.block(b * m, g * group * dk, m, group * dk),
+                                        out.block(b * m, g * group * dv, m, group * dv), g * group,
+                                        state(problem), pool_[slot], order);
                  });
     } else {
       last_tasks_ = d.batch * h;
       parallel_for(d.batch * h, threads, [&](Index problem, int slot) {
-        const Index b = problem / h, head = problem % h;
-        policy_.decode(q.block(b * m, head * dk, m, dk), k.block(b * m, head * dk, m, dk),
-                       v.block(b * m, head * dv, m, dv), out.block(b * m, head * dv, m, dv), head,
+        const Index b = problem / h, head = problem % h, g = head / group;
+        policy_.decode(q.block(b * m, head * dk, m, dk), k.block(b * m, g * dk, m, dk),
+                       v.block(b * m, g * dv, m, dv), out.block(b * m, head * dv, m, dv), head,
                        state(problem), pool_[slot]);
       });
     }
@@ -366,7 +381,7 @@ class AttentionCore {
   void check_decode(Index rows, const Decoder& d) const {
     constexpr const char* who = "AttentionCore";
     detail::require(
-        d.owner == id_.value() && static_cast<Index>(d.states.size()) == d.batch * layout_.heads,
+        d.owner == id_.value() && static_cast<Index>(d.states.size()) == d.batch * decode_heads(),
         who, "decoder",
         d.owner == 0 ? std::string("not made by start_decoding")
                      : std::string("made by another block's start_decoding"),
@@ -411,7 +426,13 @@ class AttentionCore {
   Index last_tasks() const { return last_tasks_; }
 
  private:
-  static constexpr bool can_decode = requires { typename Policy::DecodeState; };
+  static constexpr bool can_decode = PolicyDecodes<Policy>;
+  // Decode states per sequence: one per key/value head where a cache serves its group of query
+  // heads (a policy that decodes in blocks), else one per query head (Favor: its features are
+  // the query head's).
+  Index decode_heads() const {
+    return PolicyDecodesInBlocks<Policy> ? layout_.kv() : layout_.heads;
+  }
   // A slice shorter than this costs more in scheduling than it gains in balance.
   static constexpr Index min_split_rows = 64;
 
@@ -487,7 +508,7 @@ class AttentionCore {
   HeadContext context(Index b, Index head, Index q0, const SequenceShape& q_shape,
                       const SequenceShape& kv_shape) const {
     HeadContext ctx{b, head, q0, kv_shape.valid_length(b), kv_shape.seq - q_shape.seq, causal};
-    ctx.window = KeyWindow::of<Masking>();
+    ctx.window = masking_.keys();
     return ctx;
   }
 
@@ -505,12 +526,45 @@ class AttentionCore {
     detail::require(kv_shape.batch == q_shape.batch, "AttentionCore", "kv_shape.batch",
                     kv_shape.batch, detail::concat("the query batch, ", q_shape.batch));
     check_size(q, q.rows(), layout_.heads * layout_.d_key, "q");
-    check_size(k, k.rows(), layout_.heads * layout_.d_key, "k");
-    check_size(v, k.rows(), layout_.heads * layout_.d_value, "v");
+    check_size(k, k.rows(), layout_.kv() * layout_.d_key, "k");
+    check_size(v, k.rows(), layout_.kv() * layout_.d_value, "v");
+  }
+
+  // dk, dv of every key/value head: the sum of its query heads' parts, in head order.
+  void sum_group_parts(View<S> dk, View<S> dv, Index batch, Index n_k, int threads) {
+    const Index kv = layout_.kv(), group = layout_.group();
+    parallel_for(batch * kv, threads, [&](Index task, int) {
+      const Index b = task / kv, g = task % kv;
+      for (auto [whole, parts, w] : {std::tuple{dk, &dk_parts_, layout_.d_key},
+                                     std::tuple{dv, &dv_parts_, layout_.d_value}}) {
+        auto to = whole.block(b * n_k, g * w, n_k, w);
+        to = parts->block(b * n_k, g * group * w, n_k, w);
+        for (Index j = 1; j < group; ++j)
+          to += parts->block(b * n_k, (g * group + j) * w, n_k, w);
+      }
+    });
+  }
+
+  static HeadLayout check_layout(HeadLayout layout) {
+    constexpr const char* who = "AttentionCore";
+    detail::require(layout.heads >= 1, who, "layout.heads", layout.heads, "at least 1");
+    detail::require(
+        layout.kv_heads >= 0 && layout.kv() <= layout.heads && layout.heads % layout.kv() == 0, who,
+        "layout.kv_heads", layout.kv_heads,
+        detail::concat("a divisor of heads = ", layout.heads,
+                       " (key/value heads shared by groups of query heads), or 0"));
+    if constexpr (detail::policy_shares_qk<Policy>)
+      detail::require(layout.kv() == layout.heads, who, "layout.kv_heads", layout.kv_heads,
+                      detail::concat(layout.heads, " (or 0): ", Policy::name,
+                                     " shares QK, so its keys are its queries' heads; grouped "
+                                     "key/value heads need a policy with its own keys"));
+    return layout;
   }
 
   HeadLayout layout_;
   Policy policy_;
+  Masking masking_;
+  Matrix<S> dk_parts_, dv_parts_;  // GQA: each query head's key and value gradients
   std::vector<typename Policy::Saved> saved_;
   WorkspacePool pool_{1};
   detail::OrderedSteps steps_;

@@ -225,8 +225,10 @@ class FullAttention {
     return {Matrix<S>(0, d_k), Matrix<S>(0, d_v), 0, {}, {}, 0};
   }
   std::size_t decode_scratch_bytes(Index m, Index length, Index d_k, Index d_v) const {
-    return scratch_bytes(m, length + m, d_k, d_v) + Workspace::bytes_for<S>(m * d_v) +
-           Workspace::bytes_for<S>(m) + Workspace::bytes_for<S>(decode_block_keys);
+    const Index g = layout_.group();  // a cache serves a group of query heads (GQA)
+    return scratch_bytes(m, length + m, d_k, d_v) + Workspace::bytes_for<S>(m * g * d_v) +
+           Workspace::bytes_for<S>(m * g) + Workspace::bytes_for<S>(decode_block_keys * g) +
+           Workspace::bytes_for<S>(g);
   }
   /// Blocks of a decode of m new tokens that makes the cache n keys long: the cache in blocks of
   /// decode_block_keys when the new tokens are few (at most decode_few_queries), else one (the
@@ -259,14 +261,17 @@ class FullAttention {
     st.k.middleRows(at, m) = k;
     st.v.middleRows(at, m) = v;
     st.length += m;
-    st.lse.resize(m);
+    st.lse.resize(m * layout_.group());
   }
   /// Block `block` of decode_blocks(m, st.cached()) after decode_append: the new queries q against
   /// its cached keys, merged into out inside merge(step), which runs the blocks' steps in block
-  /// order.
+  /// order. Under GQA a cache serves a group of query heads: q [m × group·d_k] holds the group's
+  /// heads (`head` the first), out [m × group·d_v], and each block of the cache is read once for
+  /// all of them (its keys times the group's queries, one product).
   template <class Merge>
   void decode_block(Index block, ConstView<S> q, View<S> out, Index head, DecodeState& st,
                     Workspace& ws, Merge&& merge) const {
+    const Index dk = st.k.cols(), dv = st.v.cols(), group = q.cols() / dk;
     const Index m = q.rows(), n = st.cached(), blocks = decode_blocks(m, n);
     HeadContext ctx;
     ctx.head = head;
@@ -275,44 +280,70 @@ class FullAttention {
     ctx.causal = true;
     ctx.window = st.window;
     if (blocks == 1) {
-      merge([&] { forward(q, st.k.topRows(n), st.v.topRows(n), out, nullptr, ctx, ws); });
+      merge([&] {
+        for (Index j = 0; j < group; ++j) {
+          ctx.head = head + j;
+          forward(q.middleCols(j * dk, dk), st.k.topRows(n), st.v.topRows(n),
+                  out.middleCols(j * dv, dv), nullptr, ctx, ws);
+        }
+      });
       return;
     }
     const Index j0 = block * decode_block_keys, cols = std::min(decode_block_keys, n - j0);
     ctx.key_length = cols;
     ctx.causal_shift = n - m - j0;  // query i sees the block's key j iff j0 + j ≤ n − m + i
     Workspace::Frame frame(ws);
-    auto o = ws.matrix<S>(m, out.cols());
-    S* lse = ws.take<S>(m);
-    S* logits = ws.take<S>(cols);
-    const S s = scale(q.cols());
-    const auto mods = score_mods(head);
+    auto o = ws.matrix<S>(m, group * dv);
+    S* lse = ws.take<S>(m * group);  // head-major: lse[j·m + i]
+    S* logits = ws.take<S>(cols * group);
+    S* inverse = ws.take<S>(group);  // 1 / each head's sum
+    const S s = scale(dk);
     const auto kb = st.k.middleRows(j0, cols);
     const auto vb = st.v.middleRows(j0, cols);
-    // A few queries read the block's keys and values in place, once (a product with a vector
-    // per query; nothing is packed): decoding is bound by reading the cache.
+    using RowMajor = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    // A few queries read the block's keys and values in place, once (a product with the group's
+    // queries; nothing is packed): decoding is bound by reading the cache.
     for (Index i = 0; i < m; ++i) {
       const Index from = ctx.key_begin(i), seen = ctx.key_end(i) - from;
       if (seen == 0) {  // the row sees no key of this block
         o.row(i).setZero();
-        lse[i] = std::numeric_limits<S>::infinity();
+        for (Index j = 0; j < group; ++j)
+          lse[j * m + i] = std::numeric_limits<S>::infinity();
         continue;
       }
-      Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, 1>> p(logits, seen);
-      p.noalias() = s * (kb.middleRows(from, seen) * q.row(i).transpose());
-      if (mods.active()) mods.apply(logits, seen, ctx.position(i), from);
-      const S top = detail::max_of(logits, seen);
-      const S sum = detail::exp_shifted_sum(logits, seen, top);
-      o.row(i).noalias() = p.transpose() * vb.middleRows(from, seen);
-      o.row(i) *= sum == S(0) ? S(0) : S(1) / sum;
-      lse[i] = detail::row_logsumexp(top, sum);
+      // p[:, j]: head j's logits over the keys the row sees.
+      Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>> p(logits, seen, group);
+      const Eigen::Map<const RowMajor, 0, Eigen::OuterStride<>> qi(q.row(i).data(), group, dk,
+                                                                   Eigen::OuterStride<>(dk));
+      if (group == 1)
+        p.col(0).noalias() = s * (kb.middleRows(from, seen) * qi.row(0).transpose());
+      else
+        p.noalias() = s * (kb.middleRows(from, seen) * qi.transpose());
+      Eigen::Map<RowMajor> oi(&o(i, 0), group, dv);
+      for (Index j = 0; j < group; ++j) {
+        S* pj = logits + j * seen;
+        if (const auto mods = score_mods(head + j); mods.active())
+          mods.apply(pj, seen, ctx.position(i), from);
+        const S top = detail::max_of(pj, seen);
+        const S sum = detail::exp_shifted_sum(pj, seen, top);
+        lse[j * m + i] = detail::row_logsumexp(top, sum);
+        inverse[j] = sum == S(0) ? S(0) : S(1) / sum;
+      }
+      if (group == 1)
+        oi.row(0).noalias() = p.col(0).transpose() * vb.middleRows(from, seen);
+      else
+        oi.noalias() = p.transpose() * vb.middleRows(from, seen);
+      for (Index j = 0; j < group; ++j)
+        oi.row(j) *= inverse[j];
     }
     merge([&] {
       if (block == 0) {
         out.setZero();
         st.lse.setConstant(-std::numeric_limits<S>::infinity());
       }
-      detail::merge_softmax_rows(out, o, st.lse.data(), lse, m);
+      for (Index j = 0; j < group; ++j)
+        detail::merge_softmax_rows(out.middleCols(j * dv, dv), o.middleCols(j * dv, dv),
+                                   st.lse.data() + j * m, lse + j * m, m);
     });
   }
   void decode(ConstView<S> q, ConstView<S> k, ConstView<S> v, View<S> out, Index head,

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string_view>
+#include <type_traits>
 
 #include "effattn/attention/attention_core.hpp"
 #include "effattn/attention/attention_policy.hpp"
@@ -12,6 +13,7 @@
 #include "effattn/attention/head_layout.hpp"
 #include "effattn/attention/masking.hpp"
 #include "effattn/attention/random_state.hpp"
+#include "effattn/attention/rotary.hpp"
 #include "effattn/core/aliasing.hpp"
 #include "effattn/core/counter_rng.hpp"
 #include "effattn/core/error.hpp"
@@ -32,14 +34,14 @@ namespace effattn {
 /// is ever copied (see AttentionCore for the scheduling). Cost: 2·T·d·H·(2·d_k + 2·d_v)
 /// for the projections plus the policy's cost for each (sequence, head).
 ///
-/// `Masking` is Bidirectional or Causal; a policy that cannot be causal does not compile
-/// as Causal. Weights are N(0, 1/fan_in) from the seed, biases 0. Training: after
-/// `set_training(true)`, forward keeps Q, K, V, the merged heads and the policy's Saved
-/// state (O(T·H·(d_k + d_v)) plus the policy's own, see activation_bytes), and backward
-/// then writes the input gradient and adds to every parameter's gradient. When not
-/// training, those buffers come from the calling thread's layer_workspace() and nothing
-/// outlives the call, so a deep stack of blocks does not keep one set per block.
-/// It is a Layer (layers/layer.hpp) that mixes positions: d_in = d_out = d_model.
+/// `Masking` is Bidirectional, Causal or a window (attention/masking.hpp); a policy that cannot
+/// attend under it does not compile with it. Weights are N(0, 1/fan_in) from the seed, biases 0.
+/// Training: after `set_training(true)`, forward keeps Q, K, V, the merged heads and the policy's
+/// Saved state (O(T·H·(d_k + d_v)) plus the policy's own, see activation_bytes), and backward then
+/// writes the input gradient and adds to every parameter's gradient. When not training, those
+/// buffers come from the calling thread's layer_workspace() and nothing outlives the call, so a
+/// deep stack of blocks does not keep one set per block. It is a Layer (layers/layer.hpp) that
+/// mixes positions: d_in = d_out = d_model.
 template <class Policy, class Masking = Bidirectional>
 class MultiHeadAttention {
  public:
@@ -62,21 +64,31 @@ class MultiHeadAttention {
     bool bias = true;
     std::uint64_t seed = 0;  ///< initialisation of every weight (and the policy's randomness)
     typename Policy::Config policy{};
+    /// The masking's value: a window's size where the type leaves it to run time
+    /// (`.masking = CausalWindow<>{512}`); nothing to set for the others.
+    Masking masking{};
+    /// Key/value heads (grouped-query attention; 1: multi-query), a divisor of heads, each
+    /// shared by heads / kv_heads consecutive query heads; 0: heads (every head its own). w_k and
+    /// w_v then have kv_heads·d_head and kv_heads·d_value columns, and a decoding cache (Full)
+    /// kv_heads / heads of the bytes.
+    Index kv_heads = 0;
+    /// Rotary position embeddings of queries and keys (RoPE; attention/rotary.hpp), applied
+    /// in the pass that adds the projections' biases; self-attention and decoding only.
+    Rotary rotary{};
   };
 
-  explicit MultiHeadAttention(Config config)
-      : config_(resolve(config)),
-        core_(config_.policy,
-              HeadLayout{config_.heads, config_.d_head, config_.d_value, config_.seed}) {
+  explicit MultiHeadAttention(Config config) : config_(resolve(config)), core_(make_core(config_)) {
+    rotary_.configure(config_.rotary, d_key());
     const Index dq = heads() * d_key(), dv = heads() * d_value();
+    const Index dkv = kv_heads() * d_key(), dvv = kv_heads() * d_value();
     init_weight(wq_, d_model(), dq, 1);
-    if (!shared_qk) init_weight(wk_, d_context(), dq, 2);
-    init_weight(wv_, d_context(), dv, 3);
+    if (!shared_qk) init_weight(wk_, d_context(), dkv, 2);
+    init_weight(wv_, d_context(), dvv, 3);
     init_weight(wo_, dv, d_model(), 4);
     if (config_.bias) {
       bq_.setZero(1, dq);
-      if (!shared_qk) bk_.setZero(1, dq);
-      bv_.setZero(1, dv);
+      if (!shared_qk) bk_.setZero(1, dkv);
+      bv_.setZero(1, dvv);
       bo_.setZero(1, d_model());
     }
     zero_grad();
@@ -87,6 +99,8 @@ class MultiHeadAttention {
   Index d_out() const { return config_.d_model; }
   Index d_context() const { return config_.d_context; }
   Index heads() const { return config_.heads; }
+  /// Key/value heads (config kv_heads, or heads).
+  Index kv_heads() const { return config_.kv_heads; }
   Index d_key() const { return config_.d_head; }
   Index d_value() const { return config_.d_value; }
   const Config& config() const { return config_; }
@@ -142,11 +156,12 @@ class MultiHeadAttention {
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
     const Index dq = heads() * d_key(), dv = heads() * d_value();
-    auto q = ws.matrix<S>(x.rows(), dq), v = ws.matrix<S>(x.rows(), dv);
+    auto q = ws.matrix<S>(x.rows(), dq), v = ws.matrix<S>(x.rows(), kv_heads() * d_value());
     auto a = ws.matrix<S>(x.rows(), dv);
-    auto k = ws.matrix<S>(shared_qk ? 0 : x.rows(), dq);
-    project(x, wq_, bq_, q);
-    if (!shared_qk) project(x, wk_, bk_, k);
+    auto k = ws.matrix<S>(shared_qk ? 0 : x.rows(), kv_heads() * d_key());
+    // The new tokens sit at positions length, length + 1, … of their sequences.
+    if (rotary_.enabled()) rotary_.reserve(decoder.length + x.rows() / decoder.batch);
+    project_queries_keys(x, x, q, k, x.rows() / decoder.batch, decoder.length);
     project(x, wv_, bv_, v);
     core_.decode(q, shared_qk ? q : k, v, a, decoder);
     y.noalias() = a * wo_;
@@ -246,7 +261,34 @@ class MultiHeadAttention {
     if (c.d_context == 0) c.d_context = c.d_model;
     detail::require(c.d_context > 0, who, "d_context", c.d_context,
                     "at least 1 (or 0 for d_model)");
+    detail::check_masking(c.masking, who);
+    c.rotary.validate(c.d_head, who);
+    // A core of its own (effattn/mpi/) shards the sequence: rotations would need each shard's
+    // global positions.
+    if constexpr (!std::is_same_v<Core, AttentionCore<Policy, Masking>>)
+      detail::require(!c.rotary.enabled, who, "rotary", "enabled with a sequence-parallel policy",
+                      "rotary positions with a block that is not sequence-parallel (not yet "
+                      "supported there)");
+    if (c.kv_heads == 0) c.kv_heads = c.heads;
+    detail::require(c.kv_heads > 0 && c.heads % c.kv_heads == 0, who, "kv_heads", c.kv_heads,
+                    detail::concat("a divisor of heads = ", c.heads,
+                                   " (key/value heads, each shared by a group of query heads), or "
+                                   "0 for heads"));
+    if constexpr (shared_qk)
+      detail::require(c.kv_heads == c.heads, who, "kv_heads", c.kv_heads,
+                      detail::concat(c.heads, " (or 0): ", Policy::name,
+                                     " shares QK, so its keys are its queries' heads"));
     return c;
+  }
+
+  // The block's core; a core of its own (effattn/mpi/) takes no masking value: it refuses
+  // windows, the only maskings that have one.
+  static Core make_core(const Config& c) {
+    const HeadLayout layout{c.heads, c.d_head, c.d_value, c.seed, c.kv_heads};
+    if constexpr (std::is_constructible_v<Core, typename Policy::Config, HeadLayout, Masking>)
+      return Core(c.policy, layout, c.masking);
+    else
+      return Core(c.policy, layout);
   }
 
   void init_weight(Matrix<S>& w, Index rows, Index cols, std::uint64_t stream) const {
@@ -269,6 +311,8 @@ class MultiHeadAttention {
                     detail::concat("d_model = ", d_model(), " columns"));
     q_shape.validate_rows(who, self ? "shape" : "q_shape", "x", x.rows());
     if (self) return;
+    detail::require(!rotary_.enabled(), who, "rotary", "enabled in a cross-attention call",
+                    "self-attention (queries and keys of one sequence share its positions)");
     detail::require(context.cols() == d_context(), who, "context",
                     detail::concat("a matrix of ", context.cols(), " columns"),
                     detail::concat("d_context = ", d_context(), " columns"));
@@ -305,6 +349,23 @@ class MultiHeadAttention {
     if (b.size() > 0) out.rowwise() += b.row(0);
   }
 
+  // Q (and K) from their inputs; with rotary positions the pass that adds the biases rotates
+  // them too, row r at position first + r % seq.
+  void project_queries_keys(ConstView<S> x, ConstView<S> context, View<S> q, View<S> k, Index seq,
+                            Index first) const {
+    if (!rotary_.enabled()) {
+      project(x, wq_, bq_, q);
+      if (!shared_qk) project(context, wk_, bk_, k);
+      return;
+    }
+    q.noalias() = x * wq_;
+    rotary_.apply(q, bq_, heads(), d_key(), seq, first, false);
+    if (!shared_qk) {
+      k.noalias() = context * wk_;
+      rotary_.apply(k, bk_, kv_heads(), d_key(), seq, first, false);
+    }
+  }
+
   // A training forward's buffer is a member kept for backward; otherwise it is scratch.
   View<S> buffer(Matrix<S>& member, Workspace& ws, Index rows, Index cols) const {
     if (!training_) return ws.matrix<S>(rows, cols);
@@ -325,15 +386,15 @@ class MultiHeadAttention {
       if (!self) detail::require_disjoint(who, "y", y, "context", context);
       policy().validate(q_shape.seq, kv_shape.seq, d_key(), d_value(), causal);
     });
+    if (rotary_.enabled()) rotary_.reserve(q_shape.seq);
     Workspace& ws = layer_workspace();
     const Workspace::Frame frame(ws);
     const Index dq = heads() * d_key(), dv = heads() * d_value();
     View<S> q = buffer(q_, ws, x.rows(), dq);
-    View<S> k = shared_qk ? q : buffer(k_, ws, context.rows(), dq);
-    View<S> v = buffer(v_, ws, context.rows(), dv);
+    View<S> k = shared_qk ? q : buffer(k_, ws, context.rows(), kv_heads() * d_key());
+    View<S> v = buffer(v_, ws, context.rows(), kv_heads() * d_value());
     View<S> a = buffer(a_, ws, x.rows(), dv);
-    project(x, wq_, bq_, q);
-    if (!shared_qk) project(context, wk_, bk_, k);
+    project_queries_keys(x, context, q, k, q_shape.seq, 0);
     project(context, wv_, bv_, v);
     // Padded rows attend and are attended to as zeros, whatever x holds there.
     q_shape.zero_padding(q);
@@ -383,6 +444,11 @@ class MultiHeadAttention {
     kv_shape.zero_padding(dk);
     kv_shape.zero_padding(dv);
     if (shared_qk) dq += dk;  // the queries were the keys too
+    if (rotary_.enabled()) {  // back through the rotations: by −pθ
+      const Matrix<S> none;
+      rotary_.apply(dq, none, heads(), d_key(), q_shape.seq, 0, true);
+      if (!shared_qk) rotary_.apply(dk, none, kv_heads(), d_key(), kv_shape.seq, 0, true);
+    }
 
     add_projection_grads(a_, dy, gwo_, gbo_, q_shape);
     add_projection_grads(x, dq, gwq_, gbq_, q_shape);
@@ -411,6 +477,7 @@ class MultiHeadAttention {
   Matrix<S> wq_, wk_, wv_, wo_, bq_, bk_, bv_, bo_;
   Matrix<S> gwq_, gwk_, gwv_, gwo_, gbq_, gbk_, gbv_, gbo_;
   Matrix<S> q_, k_, v_, a_;  // kept by a training forward for backward
+  detail::RotaryTable<S> rotary_;
   HeldActivations held_;
   bool training_ = false;
   bool last_self_ = true;

@@ -24,7 +24,7 @@ namespace effattn::mpi::detail {
 template <class Masking>
 constexpr bool assert_sharded_masking() {
   static_assert(effattn::detail::assert_masking<Masking>());
-  static_assert(Masking::window == 0,
+  static_assert(!Masking::windowed,
                 "effattn: sequence parallelism (mpi::) does not run windowed masking "
                 "(CausalWindow<W>, SlidingWindow<W>) yet; use Bidirectional or Causal, or run the "
                 "windowed block without mpi::SequenceParallel.");
@@ -40,6 +40,11 @@ class ShardedCall {
     effattn::detail::require(shards_.ranks() == comm_.size(), who_, "shards",
                              effattn::detail::concat("shards for ", shards_.ranks(), " ranks"),
                              effattn::detail::concat("one shard per rank (", comm_.size(), ")"));
+    effattn::detail::require(
+        layout_.kv() == layout_.heads, who_, "kv_heads", layout_.kv_heads,
+        effattn::detail::concat("0 or heads = ", layout_.heads,
+                                ": grouped key/value heads (GQA) are not sequence-parallel yet; "
+                                "run a GQA block without mpi::SequenceParallel"));
     Fingerprint f;
     f.add(layout_.heads).add(layout_.d_key).add(layout_.d_value).add(layout_.seed);
     for (int r = 0; r < shards_.ranks(); ++r) {
