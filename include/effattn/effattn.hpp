@@ -27,6 +27,7 @@
 #include "effattn/attention/full_attention.hpp"
 #include "effattn/attention/head_context.hpp"
 #include "effattn/attention/head_layout.hpp"
+#include "effattn/attention/local_heads.hpp"
 #include "effattn/attention/low_rank.hpp"
 #include "effattn/attention/lsh.hpp"
 #include "effattn/attention/lsh/lsh_config.hpp"

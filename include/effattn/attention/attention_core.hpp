@@ -116,8 +116,12 @@ class AttentionCore {
     saved_.clear();
     if (keep_saved) {
       saved_.reserve(static_cast<std::size_t>(problems));
-      for (Index p = 0; p < problems; ++p)
-        saved_.push_back(policy_.make_saved(n_q, n_k));
+      for (Index p = 0; p < problems; ++p) {
+        if constexpr (PolicySavesPerHead<Policy>)
+          saved_.push_back(policy_.make_saved(n_q, n_k, p % h));
+        else
+          saved_.push_back(policy_.make_saved(n_q, n_k));
+      }
     }
     pool_.resize(threads);
     pool_.reserve_each(policy_.scratch_bytes(slice, n_k, dk, dv));

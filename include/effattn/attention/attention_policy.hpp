@@ -188,6 +188,13 @@ concept PolicyHasQueryGrain = requires(const P& p) {
   { p.query_grain(Index{}, Index{}) } -> std::convertible_to<Index>;
 };
 
+/// Saved state sized for its head: `make_saved(n_q, n_k, head)` (LocalHeads: only the state of
+/// the head's own policy); AttentionCore uses it where a policy has it.
+template <class P>
+concept PolicySavesPerHead = PolicyHasSavedState<P> && requires(const P& p) {
+  { p.make_saved(Index{}, Index{}, Index{}) } -> std::same_as<typename P::Saved>;
+};
+
 /// Windows: `static constexpr bool supports_window = true` says the policy reads
 /// HeadContext::key_begin (detail::policy_supports_window); `use_window(KeyWindow)`, called
 /// once at construction with the masking's window, lets it fit its tiles to it (Full).
