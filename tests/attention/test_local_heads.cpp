@@ -13,6 +13,7 @@
 #include "effattn/core/counter_rng.hpp"
 #include "effattn/layers/multi_head_attention.hpp"
 #include "effattn/layers/redraw.hpp"
+#include "layer_testing.hpp"
 #include "reference.hpp"
 
 using namespace effattn;
@@ -99,21 +100,10 @@ TEST_CASE("A block of local and Favor heads trains and keeps Favor's features as
        .seed = 2,
        .policy = {
            .local_heads = 2, .window = 3, .global = {.features = 8, .chunk = 4, .epsilon = 0.0}}});
-  const SequenceShape shape{2, 11, {11, 7}};
-  Matrix<double> x(22, 8), y(22, 8), g(22, 8);
+  // x and every parameter (the projections) against finite differences.
+  Matrix<double> x(22, 8);
   CounterRng(5).fill_normal(x);
-  CounterRng(6).fill_normal(g);
-  shape.zero_padding(g);
-  auto loss = [&] {
-    block.forward(x, y, shape);
-    return y.cwiseProduct(g).sum();
-  };
-  const MatD num_x = reference::numeric_gradient(loss, x);
-  block.set_training(true);
-  block.forward(x, y, shape);
-  Matrix<double> dx(22, 8);
-  block.backward(x, g, dx, shape);
-  CHECK(reference::gradient_error(dx, num_x) < 1e-7);
+  layer_testing::check_gradients(block, x, SequenceShape{2, 11, {11, 7}});
   // The random state is the global policy's, and redraw reaches it.
   const auto before = block.policy().random_state();
   CHECK(before.tensors.size() == block.policy().global().random_state().tensors.size());
