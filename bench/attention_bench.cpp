@@ -119,8 +119,8 @@ void decode(benchmark::State& state, Problem p, Index kv_heads) {
   AttentionCore<Policy, Causal> core(bench_config<Policy>(p),
                                      HeadLayout{p.heads, p.d, p.d, 1, kv_heads});
   auto decoder = core.start_decoding(1);
-  Matrix<float> prefix(context, width), prefix_kv(context, kv_width), q(1, width),
-      k(1, kv_width), v(1, kv_width), out(1, width);
+  Matrix<float> prefix(context, width), prefix_kv(context, kv_width), q(1, width), k(1, kv_width),
+      v(1, kv_width), out(1, width);
   CounterRng(1, 0).fill_normal(prefix);
   CounterRng(1, 4).fill_normal(prefix_kv);
   CounterRng(1, 1).fill_normal(q);
